@@ -1,0 +1,104 @@
+"""The supervisor: owns everything the host sees (ttRPC, sandbox state, logs).
+
+It runs one uvloop event loop.  The zygote was forked before the loop existed;
+the supervisor talks to it over a socketpair and watches it with SIGCHLD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+
+from kagent import ipc
+from kagent import log as klog
+from kagent.config import AgentConfig
+from kagent.service import build_routes, implemented
+from kagent.service.health import HealthService
+from kagent.ttrpc.server import Server
+from kagent.zygote import ZygoteHandle, exit_status
+
+_log = klog.get_logger("agent")
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, zygote: ZygoteHandle | None) -> None:
+        self.config = config
+        self.zygote = zygote
+        self.zygote_channel: ipc.Channel | None = None
+        self.server: Server | None = None
+        self._stop = asyncio.Event()
+        self.exit_code = 0
+
+    def services(self) -> list[object]:
+        from kagent.service.agent import AgentService
+
+        return [HealthService(), AgentService(self)]
+
+    def stop(self, reason: str) -> None:
+        if not self._stop.is_set():
+            _log.info("stopping", reason=reason)
+            self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop, f"signal {signal.Signals(sig).name}")
+        if self.zygote is not None:
+            self.zygote_channel = ipc.Channel(self.zygote.sock, self._on_zygote_event, name="zygote")
+            # uvloop keeps SIGCHLD for itself; the zygote's death shows as EOF on its socket.
+            self.zygote_channel.closed.add_done_callback(lambda _: self._on_zygote_gone())
+        routes = build_routes(self.services())
+        self.server = Server(routes)
+        try:
+            await self.server.start(self.config.server_addr)
+        except (OSError, ValueError) as exc:
+            _log.critical("cannot listen", address=self.config.server_addr, error=str(exc))
+            await self._shutdown()
+            return 1
+        _log.info("kagent ready", address=self.config.server_addr,
+                  rpcs_implemented=len(implemented(routes)), rpcs=len(routes))
+        await self._stop.wait()
+        await self._shutdown()
+        return self.exit_code
+
+    async def _shutdown(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+        if self.zygote_channel is not None:
+            self.zygote_channel.close()  # EOF: the zygote exits by itself
+        if self.zygote is not None:
+            with contextlib.suppress(ProcessLookupError):
+                for _ in range(100):
+                    pid, status = os.waitpid(self.zygote.pid, os.WNOHANG)
+                    if pid:
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    os.kill(self.zygote.pid, signal.SIGKILL)
+                    os.waitpid(self.zygote.pid, 0)
+            self.zygote = None
+        _log.info("stopped")
+
+    def _on_zygote_gone(self) -> None:
+        if self.zygote is None or self._stop.is_set():
+            return  # shutting down: _shutdown reaps it
+        # Reap only the children we know: libuv reaps its own subprocesses.
+        status = -1
+        with contextlib.suppress(ChildProcessError):
+            for _ in range(50):
+                pid, raw = os.waitpid(self.zygote.pid, os.WNOHANG)
+                if pid:
+                    status = exit_status(raw)
+                    break
+                time.sleep(0.002)
+        _log.error("zygote died; new containers cannot be created", zygote_pid=self.zygote.pid,
+                   status=status)
+        self.zygote = None
+
+    def _on_zygote_event(self, event: dict, fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        _log.debug("zygote event", **{k: v for k, v in event.items() if k != "event"}, kind=event.get("event"))

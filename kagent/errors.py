@@ -1,0 +1,58 @@
+"""Domain errors: raised by the agent's parts, mapped to a gRPC status once, in
+kagent.ttrpc.status.  Each carries the status code it stands for, so a handler
+never picks a code itself."""
+
+from __future__ import annotations
+
+from kagent.ttrpc.codes import Code
+
+
+class AgentError(Exception):
+    """Base of the errors that cross the RPC boundary with a chosen code."""
+
+    code: Code = Code.INTERNAL
+
+    def __init__(self, message: str, *, code: Code | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidArgument(AgentError):
+    code = Code.INVALID_ARGUMENT
+
+
+class NotFound(AgentError):
+    code = Code.NOT_FOUND
+
+
+class AlreadyExists(AgentError):
+    code = Code.ALREADY_EXISTS
+
+
+class FailedPrecondition(AgentError):
+    code = Code.FAILED_PRECONDITION
+
+
+class PermissionDenied(AgentError):
+    code = Code.PERMISSION_DENIED
+
+
+class ResourceExhausted(AgentError):
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class Unavailable(AgentError):
+    code = Code.UNAVAILABLE
+
+
+class Unimplemented(AgentError):
+    code = Code.UNIMPLEMENTED
+
+
+class DeadlineExceeded(AgentError):
+    code = Code.DEADLINE_EXCEEDED

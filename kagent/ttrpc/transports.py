@@ -1,0 +1,251 @@
+"""Byte-stream transports for ttRPC: listen and dial by Address.
+
+Sockets (unix, abstract unix, vsock) go through the loop's stream servers.
+A virtio-serial port is a character device that is one long-lived stream:
+it is wrapped in a duplex transport made of the loop's pipe transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import stat
+from collections.abc import Callable
+
+from kagent.ttrpc.addresses import Address, resolve_serial
+
+ProtocolFactory = Callable[[], asyncio.Protocol]
+
+
+def _bind_unix(addr: Address) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        if not addr.abstract:
+            _remove_stale_socket(addr.path)
+            os.makedirs(os.path.dirname(addr.path) or "/", exist_ok=True)
+        sock.bind(addr.path)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file left by a dead agent; refuse one that someone serves."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listening: stale
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another process is serving {path}")
+
+
+def _bind_vsock(addr: Address) -> socket.socket:
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind((addr.cid, addr.port))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def listen(addr: Address, factory: ProtocolFactory) -> asyncio.AbstractServer:
+    """Start accepting connections on a socket address."""
+    loop = asyncio.get_running_loop()
+    if addr.scheme == "unix":
+        sock = _bind_unix(addr)
+        return await loop.create_unix_server(factory, sock=sock)
+    if addr.scheme == "vsock":
+        sock = _bind_vsock(addr)
+        return await loop.create_server(factory, sock=sock)
+    raise ValueError(f"cannot listen on {addr}: use unix://, vsock:// or serial://")
+
+
+async def _hvsock_handshake(sock: socket.socket, port: int, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, f"CONNECT {port}\n".encode())
+    line = b""
+    async with asyncio.timeout(timeout):
+        while not line.endswith(b"\n"):
+            chunk = await loop.sock_recv(sock, 1)  # byte by byte: nothing past the line is ours
+            if not chunk:
+                raise ConnectionError(f"hybrid vsock: connection closed before OK (got {line!r})")
+            line += chunk
+            if len(line) > 512:
+                break
+    if not line.startswith(b"OK"):
+        raise ConnectionError(f"hybrid vsock: CONNECT {port} refused: {line.strip()!r}")
+
+
+async def dial(addr: Address, factory: ProtocolFactory, *, handshake_timeout: float = 10.0):
+    """Connect; returns (transport, protocol)."""
+    loop = asyncio.get_running_loop()
+    if addr.scheme == "unix":
+        if not addr.abstract:
+            return await loop.create_unix_connection(factory, addr.path)
+        # uvloop refuses abstract names as paths: connect the socket ourselves.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, addr.path)
+        except BaseException:
+            sock.close()
+            raise
+        return await loop.create_unix_connection(factory, sock=sock)
+    if addr.scheme == "hvsock":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, addr.path)
+            await _hvsock_handshake(sock, addr.port, handshake_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return await loop.create_unix_connection(factory, sock=sock)
+    if addr.scheme == "vsock":
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, (addr.cid, addr.port))
+        except BaseException:
+            sock.close()
+            raise
+        return await loop.create_connection(factory, sock=sock)
+    if addr.scheme == "serial":
+        return await open_serial(resolve_serial(addr.path), factory)
+    raise ValueError(f"cannot dial {addr}")
+
+
+class CharDeviceTransport(asyncio.Transport):
+    """A character device (virtio-serial port, tty) as one duplex stream.
+
+    The loop's pipe transports do not fit: a write pipe transport reads its fd
+    to notice a closed peer, which on a duplex device would eat the input.
+    So this reads and writes the one non-blocking fd itself.
+    """
+
+    HIGH_WATER = 1 << 20
+    LOW_WATER = 256 << 10
+
+    def __init__(self, fd: int, path: str, protocol: asyncio.Protocol) -> None:
+        super().__init__({"peername": path, "sockname": path})
+        self._fd = fd
+        self._protocol = protocol
+        self._loop = asyncio.get_running_loop()
+        self._out = bytearray()
+        self._closing = False
+        self._paused = False
+        self._writer_armed = False
+
+    def start(self) -> None:
+        self._protocol.connection_made(self)
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._fd, 256 << 10)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # EIO: the other side of a tty hung up
+            self._finish(exc)
+            return
+        if not data:
+            self._finish(None)  # EOF: nobody on the host side (yet)
+            return
+        self._protocol.data_received(data)
+
+    def write(self, data) -> None:
+        if self._closing or not data:
+            return
+        if not self._out:
+            try:
+                n = os.write(self._fd, data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                self._finish(exc)
+                return
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
+        self._out += data
+        if not self._writer_armed:
+            self._loop.add_writer(self._fd, self._on_writable)
+            self._writer_armed = True
+        if not self._paused and len(self._out) > self.HIGH_WATER:
+            self._paused = True
+            self._protocol.pause_writing()
+
+    def writelines(self, list_of_data) -> None:
+        self.write(b"".join(list_of_data))
+
+    def _on_writable(self) -> None:
+        try:
+            n = os.write(self._fd, self._out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        del self._out[:n]
+        if not self._out:
+            self._loop.remove_writer(self._fd)
+            self._writer_armed = False
+        if self._paused and len(self._out) <= self.LOW_WATER:
+            self._paused = False
+            self._protocol.resume_writing()
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._out)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        self._finish(None)
+
+    def abort(self) -> None:
+        self._finish(None)
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._fd)
+        if self._writer_armed:
+            self._loop.remove_writer(self._fd)
+        os.close(self._fd)
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
+async def open_serial(path: str, factory: ProtocolFactory) -> tuple[CharDeviceTransport, asyncio.Protocol]:
+    """Open a character device as one connection. EOF closes it (reopen to wait again)."""
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if os.isatty(fd):
+            import termios
+            import tty
+
+            tty.setraw(fd)  # a tty must not echo or translate our bytes
+            termios.tcflush(fd, termios.TCIOFLUSH)
+        proto = factory()
+        transport = CharDeviceTransport(fd, path, proto)
+    except BaseException:
+        os.close(fd)
+        raise
+    transport.start()
+    return transport, proto

@@ -1,0 +1,211 @@
+"""The zygote: a small, single-threaded fork server.
+
+It is forked by the supervisor at start-up, before the event loop and before
+any thread exists (fork from a threaded process is unsafe, and fork cost grows
+with the parent's RSS).  It then forks one worker per container on request.
+
+Requests (one JSON record each, see kagent.ipc):
+  {"op": "ping", "id": N}                      -> {"reply": N, "pid": zygote pid}
+  {"op": "spawn", "id": N, "entry": NAME, "args": {...}} + fds[0] = the worker's socket
+                                               -> {"reply": N, "pid": worker pid}
+                                                  or {"reply": N, "error": text}
+Events the zygote sends on its own:
+  {"event": "exit", "pid": P, "status": S}     a worker it forked was reaped
+                                               (S = exit code, or 128+signal)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kagent import ipc
+
+# Worker entry points by name: "module:function", called as fn(sock, args) in
+# the forked worker; the worker exits with the function's return value.
+ENTRIES: dict[str, str] = {
+    "probe": "kagent.zygote:probe_entry",
+}
+
+
+def register_entry(name: str, target: str) -> None:
+    ENTRIES[name] = target
+
+
+def exit_status(status: int) -> int:
+    """A wait status as the host sees it: the exit code, or 128+signal."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    return 255
+
+
+def set_title(title: str) -> None:
+    """Name the process for ps and top (cmdline and comm)."""
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:  # comm alone is still better than nothing
+        with contextlib.suppress(OSError):
+            with open("/proc/self/comm", "w") as f:
+                f.write(title[:15])
+
+
+def probe_entry(sock: socket.socket, args: dict) -> int:
+    """A worker that reports what it is and exits: lets tests check fork discipline."""
+    import threading
+
+    ipc.send(sock, {"event": "probe", "pid": os.getpid(), "ppid": os.getppid(),
+                    "threads": threading.active_count(), "args": args})
+    return int(args.get("exit", 0))
+
+
+def _resolve(name: str) -> Callable[[socket.socket, dict], int]:
+    target = ENTRIES.get(name)
+    if target is None:
+        raise KeyError(f"unknown worker entry {name!r}")
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _run_worker(entry: Callable, wsock: socket.socket, args: dict, keep: set[int]) -> None:
+    """In the forked worker: never returns into the zygote's loop."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        code = int(entry(wsock, args) or 0)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+@dataclass
+class ZygoteHandle:
+    """The supervisor's view of the zygote it forked."""
+
+    pid: int
+    sock: socket.socket
+
+
+def fork_zygote(extra_close: tuple[int, ...] = ()) -> ZygoteHandle:
+    """Fork the zygote. Call before any event loop or thread exists."""
+    parent_sock, child_sock = ipc.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            parent_sock.close()
+            for fd in extra_close:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            code = serve(child_sock)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    child_sock.close()
+    return ZygoteHandle(pid, parent_sock)
+
+
+def serve(sock: socket.socket) -> int:
+    """The zygote's loop: answer requests, reap workers, exit when the supervisor goes."""
+    set_title("kagent: zygote")
+    with contextlib.suppress(ImportError, OSError):
+        # Preloaded once here, so every worker forked later has it already.
+        from kagent.runtime import syscalls  # noqa: F401
+    # Die with the supervisor: a zygote without its agent has no purpose.
+    _set_pdeathsig(signal.SIGKILL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us
+    rd, wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wr)
+    workers: set[int] = set()
+    while True:
+        ready, _, _ = select.select([sock, rd], [], [], 5.0)
+        if rd in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(rd, 4096)
+        _reap(sock, workers)
+        if sock not in ready:
+            continue
+        try:
+            got = ipc.recv(sock)
+        except ValueError:
+            continue  # malformed record: ignore, keep serving
+        except OSError:
+            return 0
+        if got is None:
+            return 0  # supervisor gone
+        msg, fds = got
+        _handle(sock, msg, fds, workers)
+
+
+def _handle(sock: socket.socket, msg: dict, fds: list[int], workers: set[int]) -> None:
+    rid = msg.get("id")
+    op = msg.get("op")
+    try:
+        if op == "ping":
+            ipc.send(sock, {"reply": rid, "pid": os.getpid()})
+        elif op == "spawn":
+            if len(fds) != 1:
+                raise ValueError("spawn needs exactly one fd: the worker's socket")
+            entry = _resolve(str(msg.get("entry")))
+            wsock = socket.socket(fileno=fds.pop())
+            pid = os.fork()
+            if pid == 0:
+                sock.close()
+                _run_worker(entry, wsock, msg.get("args") or {}, set())
+            wsock.close()
+            workers.add(pid)
+            ipc.send(sock, {"reply": rid, "pid": pid})
+        else:
+            raise ValueError(f"unknown zygote op {op!r}")
+    except Exception as exc:
+        with contextlib.suppress(OSError):
+            ipc.send(sock, {"reply": rid, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _reap(sock: socket.socket, workers: set[int]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        workers.discard(pid)
+        with contextlib.suppress(OSError):
+            ipc.send(sock, {"event": "exit", "pid": pid, "status": exit_status(status)})
+
+
+def _set_pdeathsig(sig: int) -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
