@@ -15,6 +15,7 @@ import time
 from kagent import ipc
 from kagent import log as klog
 from kagent.config import AgentConfig
+from kagent.sandbox import Sandbox
 from kagent.service import build_routes, implemented
 from kagent.service.health import HealthService
 from kagent.ttrpc.server import Server
@@ -29,13 +30,16 @@ class Agent:
         self.zygote = zygote
         self.zygote_channel: ipc.Channel | None = None
         self.server: Server | None = None
+        self.sandbox: Sandbox | None = None
+        self.oom_events: asyncio.Queue[str] = asyncio.Queue()  # container ids, for GetOOMEvent
         self._stop = asyncio.Event()
         self.exit_code = 0
 
     def services(self) -> list[object]:
-        from kagent.service.agent import AgentService
+        from kagent.service.containers import ContainerService
+        from kagent.service.network import NetworkService
 
-        return [HealthService(), AgentService(self)]
+        return [HealthService(), ContainerService(self), NetworkService(self)]
 
     def stop(self, reason: str) -> None:
         if not self._stop.is_set():
@@ -50,6 +54,7 @@ class Agent:
             self.zygote_channel = ipc.Channel(self.zygote.sock, self._on_zygote_event, name="zygote")
             # uvloop keeps SIGCHLD for itself; the zygote's death shows as EOF on its socket.
             self.zygote_channel.closed.add_done_callback(lambda _: self._on_zygote_gone())
+        self.sandbox = Sandbox(self)
         routes = build_routes(self.services())
         self.server = Server(routes)
         try:
@@ -67,6 +72,8 @@ class Agent:
     async def _shutdown(self) -> None:
         if self.server is not None:
             await self.server.close()
+        if self.sandbox is not None:
+            await self.sandbox.destroy()
         if self.zygote_channel is not None:
             self.zygote_channel.close()  # EOF: the zygote exits by itself
         if self.zygote is not None:
@@ -101,4 +108,4 @@ class Agent:
     def _on_zygote_event(self, event: dict, fds: list[int]) -> None:
         for fd in fds:
             os.close(fd)
-        _log.debug("zygote event", **{k: v for k, v in event.items() if k != "event"}, kind=event.get("event"))
+        _log.debug("zygote event", kind=event.get("event"), worker_pid=event.get("pid"), status=event.get("status"))

@@ -74,7 +74,7 @@ class Channel:
         sock.setblocking(False)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
-        self._on_event = on_event
+        self.on_event = on_event
         self.closed = asyncio.get_running_loop().create_future()
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
@@ -102,8 +102,8 @@ class Channel:
                 else:
                     for fd in fds:
                         os.close(fd)
-            elif self._on_event is not None:
-                self._on_event(obj, fds)
+            elif self.on_event is not None:
+                self.on_event(obj, fds)
             else:
                 for fd in fds:
                     os.close(fd)

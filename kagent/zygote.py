@@ -33,6 +33,7 @@ from kagent import ipc
 # the forked worker; the worker exits with the function's return value.
 ENTRIES: dict[str, str] = {
     "probe": "kagent.zygote:probe_entry",
+    "container": "kagent.worker.main:run",
 }
 
 

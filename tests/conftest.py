@@ -11,15 +11,13 @@ import asyncio
 import inspect
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import pytest
 import uvloop
+from support import AgentProcess
 
 ASYNC_TEST_TIMEOUT = float(os.environ.get("KAGENT_ASYNC_TEST_TIMEOUT", "60"))
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -60,47 +58,6 @@ def tmp_sock_dir():
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
-
-
-def kagent_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "kagent", *args]
-
-
-def kagent_ctl_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "kagent.cli.ctl", *args]
-
-
-class AgentProcess:
-    """A kagent started as a real process on a unix socket, stopped and reaped at the end."""
-
-    def __init__(self, sock_dir: str, *extra: str, env: dict | None = None):
-        self.sock = os.path.join(sock_dir, "agent.sock")
-        self.addr = "unix://" + self.sock
-        cmdline = os.path.join(sock_dir, "cmdline")
-        if not os.path.exists(cmdline):
-            with open(cmdline, "w") as f:
-                f.write("console=ttyS0 quiet\n")
-        self.log_path = os.path.join(sock_dir, "agent.log")
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            kagent_cmd("--cmdline-file", cmdline, "--server-addr", self.addr, *extra),
-            stdout=self._log, stderr=self._log, env={**os.environ, **(env or {})}, cwd=REPO,
-        )
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 
-from conftest import kagent_cmd, kagent_ctl_cmd
+from support import kagent_cmd, kagent_ctl_cmd
 
 
 def ctl(addr: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -269,9 +269,9 @@ async def test_client_disconnect_cancels_inflight_handlers(tmp_sock_dir):
 async def test_every_agent_rpc_is_registered_and_unimplemented_ones_say_so(tmp_sock_dir):
     from kagent.agent import Agent
     from kagent.config import AgentConfig
-    from kagent.service.agent import AgentService
 
-    routes = build_routes([HealthService(), AgentService(Agent(AgentConfig(), None))])
+    agent = Agent(AgentConfig(), None)
+    routes = build_routes(agent.services())
     agent_methods = [m for m in protocols.methods().values() if m.service == "grpc.AgentService"]
     assert len(agent_methods) == 42
     server = Server(routes)

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, default=10.0, help="how long to retry connecting (s)")
     p.add_argument("--repeat", "-n", type=int, default=1, help="make the call N times (prints each response)")
     p.add_argument("--compact", action="store_true", help="one line of JSON per response")
+    p.add_argument("--raw", action="store_true",
+                   help="write a response's bytes field (ReadStdout/ReadStderr data) as is, not as JSON")
     p.add_argument("call", help="RPC name (e.g. Check, CreateContainer), or 'list'")
     p.add_argument("request", nargs="?", default="{}", help="request as JSON, or @FILE (default {})")
     return p
@@ -55,6 +57,16 @@ def _to_json(message, compact: bool) -> str:
     obj = json_format.MessageToDict(message, preserving_proto_field_name=True,
                                     always_print_fields_with_no_presence=True)
     return json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=2)
+
+
+def _write_raw(message) -> bool:
+    """Write the message's only bytes field to stdout; False when it has none."""
+    fields = [f for f in message.DESCRIPTOR.fields if f.type == f.TYPE_BYTES]
+    if len(fields) != 1:
+        return False
+    sys.stdout.buffer.write(getattr(message, fields[0].name))
+    sys.stdout.buffer.flush()
+    return True
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -100,6 +112,8 @@ async def _run(args: argparse.Namespace) -> int:
                 rc = EXIT_RPC_ERROR
                 continue
             durations.append(time.perf_counter() - started)
+            if args.raw and _write_raw(response):
+                continue
             print(_to_json(response, args.compact), flush=True)
     finally:
         await client.close()

@@ -24,17 +24,20 @@ def _unimplemented(method: protocols.Method):
 def build_routes(services: Iterable[object]) -> dict[tuple[str, str], Route]:
     """Routes for every known method, taken from the objects that implement them.
 
-    Each service object names its wire service in ``SERVICE`` and implements a
-    method as an ``async def <RpcName>(self, request, ctx)``.
+    Each object names its wire service in ``SERVICE`` and implements methods as
+    ``async def <RpcName>(self, request, ctx)``.  Several objects may serve one
+    wire service (one per area of the API); a method implemented twice is a
+    programming error.
     """
-    impls: dict[str, object] = {}
+    impls: dict[str, list[object]] = {}
     for svc in services:
-        impls[svc.SERVICE] = svc  # type: ignore[attr-defined]
+        impls.setdefault(svc.SERVICE, []).append(svc)  # type: ignore[attr-defined]
     routes: dict[tuple[str, str], Route] = {}
     for key, method in protocols.methods().items():
-        impl = impls.get(method.service)
-        handler = getattr(impl, method.name, None) if impl is not None else None
-        routes[key] = Route(method.request, handler or _unimplemented(method))
+        handlers = [getattr(o, method.name) for o in impls.get(method.service, ()) if hasattr(o, method.name)]
+        if len(handlers) > 1:
+            raise RuntimeError(f"{method.service}/{method.name} is implemented {len(handlers)} times")
+        routes[key] = Route(method.request, handlers[0] if handlers else _unimplemented(method))
     return routes
 
 

@@ -1,0 +1,434 @@
+"""From an OCI spec to a running container process: start_init, InitHandle.start, exec_process.
+
+These run in the per-container worker (single-threaded, a child subreaper).
+The split is runc's create/start: ``start_init`` forks the init, which builds
+the container (namespaces, rootfs, process attributes), reports "ready" and
+blocks; ``InitHandle.start`` releases it into its exec.  ``exec_process`` forks
+a process into the running container's namespaces.
+
+Every child talks to the worker over a Channel (see channel.py).  A child never
+returns into the caller's code: it execs or ``os._exit``s, and a set-up
+failure travels back as a structured SetupError.  On any failure the worker
+kills (by pid) and reaps what it forked, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import NoReturn
+
+from . import hooks, namespaces, rootfs, seccomp, syscalls, system
+from . import process as proc
+from .channel import Channel, _Abandoned
+from .errors import SetupError, step
+from .stdio import ChildStdio, receive_console
+
+log = logging.getLogger("kagent.runtime")
+
+__all__ = ["SetupError", "InitHandle", "start_init", "exec_process"]
+
+
+class InitHandle:
+    """A container init that has been set up and waits for ``start()``."""
+
+    def __init__(self, pid: int, chan: Channel, spec: dict, bundle: str, container_id: str) -> None:
+        self.pid = pid
+        self.container_id = container_id
+        self.bundle = bundle
+        self.warnings: list[str] = []
+        self.started = False
+        self._chan: Channel | None = chan
+        self._spec = spec
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning("%s", message, extra={"container_id": self.container_id})
+
+    def state(self, status: str) -> dict:
+        return hooks.state(self._spec, self.container_id, status, self.pid, self.bundle)
+
+    def start(self) -> None:
+        """Release the init into its exec; raise SetupError if it died or its exec failed."""
+        if self._chan is None:
+            raise SetupError(
+                "start", f"start: container {self.container_id} was already started or aborted"
+            )
+        chan, self._chan = self._chan, None
+        try:
+            try:
+                chan.send("start")
+            except OSError as exc:
+                status = _reap(self.pid)
+                raise SetupError(
+                    "start", f"start: the container init has exited ({_describe(status)})"
+                ) from exc
+            _serve(chan, self._warn, [self.pid], eof_ok=True)
+        finally:
+            chan.close()
+        self.started = True
+        hooks.run(self._spec, "poststart", self.state("running"), warn=self._warn)
+
+    def abort(self) -> None:
+        """Kill and reap an init that was never started (a container deleted before start)."""
+        if self._chan is None:
+            return
+        self._chan.close()
+        self._chan = None
+        _kill_and_reap([self.pid])
+
+
+def start_init(
+    spec: dict,
+    bundle: str,
+    stdio: ChildStdio,
+    *,
+    on_forked: Callable[[int], None] | None = None,
+    container_id: str | None = None,
+) -> InitHandle:
+    """Fork the container's init and set it up; it then waits for ``InitHandle.start()``.
+
+    ``on_forked(pid)`` runs in the worker before the child does anything (cgroup
+    placement).  With a new pid namespace owned by a new user namespace the
+    init is that child's child and inherits its cgroups.  ``stdio`` is consumed.
+    """
+    cid = container_id or os.path.basename(os.path.normpath(bundle))
+    try:
+        plan = _check(spec)
+        root = rootfs.root_path(spec, bundle)
+    except BaseException:
+        stdio.close()
+        raise
+    parent, child = Channel.pair()
+    try:
+        if plan.child_makes_pidns:
+            # the init will be our grandchild; its parent exits, so it must be reparented to us
+            syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
+        new_pid = "pid" in plan.new and not plan.child_makes_pidns
+        with (
+            namespaces.pid_for_children(plan.joined.get("pid"), new_pid),
+            step("fork the container init"),
+        ):
+            pid = os.fork()
+            if pid == 0:
+                parent.close()
+                _child(child, lambda ch: _init_body(ch, spec, bundle, cid, root, plan, stdio))
+    except BaseException:
+        parent.close()
+        child.close()
+        stdio.close()
+        raise
+    child.close()
+    stdio.close()
+    handle = InitHandle(pid, parent, spec, bundle, cid)
+    try:
+        _go(parent, pid, on_forked)
+        _serve(parent, handle._warn, [pid], eof_ok=False, handle=handle, stdio=stdio)
+    except BaseException:
+        parent.close()
+        handle._chan = None
+        raise
+    return handle
+
+
+def exec_process(
+    init_pid: int,
+    spec: dict,
+    process: dict,
+    stdio: ChildStdio,
+    *,
+    on_forked: Callable[[int], None] | None = None,
+) -> int:
+    """Fork ``process`` into the namespaces of the container whose init is ``init_pid``.
+
+    Returns the pid once the exec has happened; a failure before it raises
+    SetupError and leaves nothing behind.  ``stdio`` is consumed.
+    """
+    parent, child = Channel.pair()
+    try:
+        target = None if namespaces.same_pid_ns(init_pid) else f"/proc/{init_pid}/ns/pid"
+        with namespaces.pid_for_children(target), step("fork into the container"):
+            pid = os.fork()
+            if pid == 0:
+                parent.close()
+                _child(
+                    child,
+                    lambda ch: _exec_body(
+                        ch, init_pid, spec, process, stdio, on_forked is not None
+                    ),
+                )
+    except FileNotFoundError as exc:
+        parent.close()
+        child.close()
+        stdio.close()
+        raise SetupError(
+            "exec",
+            f"exec: the container init (pid {init_pid}) is gone",
+            path=exc.filename,
+            errno=exc.errno,
+        ) from exc
+    except BaseException:
+        parent.close()
+        child.close()
+        stdio.close()
+        raise
+    child.close()
+    stdio.close()
+    try:
+        if on_forked is not None:
+            _go(parent, pid, on_forked)
+        _serve(parent, lambda m: log.warning("%s", m), [pid], eof_ok=True, stdio=stdio)
+    finally:
+        parent.close()
+    return pid
+
+
+# --- the worker's side of a set-up conversation ---------------------------------------------
+
+
+def _serve(
+    chan: Channel,
+    warn: Callable[[str], None],
+    pids: list[int],
+    *,
+    eof_ok: bool,
+    handle: InitHandle | None = None,
+    stdio: ChildStdio | None = None,
+) -> None:
+    """Answer the child until it reports ready or execs (EOF); on failure kill and reap ``pids``.
+
+    ``pids`` is what to clean up; it follows the init when a first child forks it.
+    """
+    try:
+        while True:
+            msg = chan.recv()
+            if msg is None:
+                if eof_ok:
+                    return
+                status = _reap(pids[-1])
+                pids.clear()
+                raise SetupError(
+                    "init", f"init: the container init exited during set-up ({_describe(status)})"
+                )
+            kind = msg.get("type")
+            if kind == "warning":
+                warn(str(msg.get("message")))
+            elif kind == "error":
+                raise SetupError.from_dict(msg)
+            elif kind == "ready":
+                return
+            elif kind == "console" and "fd" in msg and stdio is not None:
+                receive_console(stdio, int(msg["fd"]))
+            elif kind == "userns" and handle is not None:
+                namespaces.write_id_maps(pids[-1], handle._spec)
+                chan.send("mapped")
+            elif kind == "pid" and handle is not None:
+                # the first child forked the init into the new pid namespace and is exiting
+                _reap(pids[-1])
+                handle.pid = int(msg["pid"])
+                pids[:] = [handle.pid]
+            elif kind == "hooks" and handle is not None:
+                st = handle.state("creating")
+                hooks.run(handle._spec, "prestart", st)
+                hooks.run(handle._spec, "createRuntime", st)
+                chan.send("hooked", pid=handle.pid)
+            else:
+                if "fd" in msg:
+                    os.close(msg["fd"])
+                raise SetupError("set-up", f"set-up: unexpected message {msg!r}")
+    except BaseException:
+        _kill_and_reap(pids)
+        raise
+
+
+def _go(chan: Channel, pid: int, on_forked: Callable[[int], None] | None) -> None:
+    """Run the caller's on_forked (cgroup placement), then let the child proceed."""
+    try:
+        if on_forked is not None:
+            on_forked(pid)
+        chan.send("go")
+    except BaseException:
+        _kill_and_reap([pid])
+        raise
+
+
+def _kill_and_reap(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _reap(pid)
+
+
+def _reap(pid: int) -> int | None:
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return None  # reaped elsewhere (the worker's own reaper)
+
+
+def _describe(status: int | None) -> str:
+    if status is None:
+        return "status unknown"
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def _check(spec: dict) -> namespaces.Plan:
+    """What can be refused before forking anything."""
+    if not isinstance(spec.get("process"), dict) or not spec["process"].get("args"):
+        raise SetupError("spec", "spec: process.args is required")
+    plan = namespaces.plan(spec)
+    linux = spec.get("linux") or {}
+    if "user" in plan.new and not (linux.get("uidMappings") and linux.get("gidMappings")):
+        raise SetupError(
+            "spec", "spec: a new user namespace needs linux.uidMappings and linux.gidMappings"
+        )
+    if not plan.has("mount"):
+        raise SetupError("spec", "spec: a container needs a mount namespace of its own")
+    system.check_sysctl(spec, plan)
+    hooks.validate(spec)
+    return plan
+
+
+# --- the child's side ----------------------------------------------------------------------
+
+
+def _child(chan: Channel, body: Callable[[Channel], None]) -> NoReturn:
+    """Run ``body`` in a forked child; it must exec.  Never returns into the caller's code."""
+    code = 1
+    try:
+        _reset_signals()
+        body(chan)
+        _report(chan, SetupError("exec", "exec: set-up returned without exec"))
+    except _Abandoned:
+        code = 2  # the worker gave up on us (or died): nothing to report to
+    except SetupError as exc:
+        _report(chan, exc)
+    except OSError as exc:
+        _report(chan, SetupError.from_oserror("set-up", exc))
+    except BaseException as exc:  # a bug: say so rather than die silently
+        _report(chan, SetupError("set-up", f"set-up: {type(exc).__name__}: {exc}"))
+    finally:
+        os._exit(code)
+
+
+def _report(chan: Channel, exc: SetupError) -> None:
+    try:
+        chan.send("error", **exc.to_dict())
+    except OSError:
+        pass
+
+
+def _reset_signals() -> None:
+    """The worker's handlers must not run here, and its ignored/blocked signals must not leak
+    into the container (Python ignores SIGPIPE and SIGXFSZ)."""
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        # getsignal reads Python's table (no syscall); it knows the dispositions Python
+        # inherited or set.  Handlers set from C are reset by execve anyway.
+        if (
+            sig not in (signal.SIGKILL, signal.SIGSTOP)
+            and signal.getsignal(sig) is not signal.SIG_DFL
+        ):
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _init_body(
+    chan: Channel,
+    spec: dict,
+    bundle: str,
+    cid: str,
+    root: str,
+    plan: namespaces.Plan,
+    stdio: ChildStdio,
+) -> None:
+    chan.expect("go")
+
+    def warn(message: str) -> None:
+        chan.send("warning", message=message)
+
+    linux = spec.get("linux") or {}
+    process = spec["process"]
+    flt = seccomp.compile(linux.get("seccomp"), warn)
+
+    namespaces.join(plan)
+    if "user" in plan.new:
+        namespaces.unshare_new(plan, {"user"})
+        chan.send("userns")
+        chan.expect("mapped")
+        if namespaces.maps_root(spec):
+            with step("become root of the user namespace"):
+                os.setresgid(0, 0, 0)  # so that what we create is owned by the namespace's root
+                os.setresuid(0, 0, 0)
+    others = plan.new - {"user", "pid"}
+    if plan.child_makes_pidns:
+        others.add("pid")
+    namespaces.unshare_new(plan, others)
+    if plan.child_makes_pidns:
+        _fork_into_pidns(chan)
+    proc.set_oom_score_adj(process)
+
+    new_mnt = "mount" in plan.new
+    if new_mnt:
+        rootfs.prepare(root)
+        rootfs.mount_all(root, bundle, spec, warn, in_cgroupns=plan.has("cgroup"))
+    chan.send("hooks")  # prestart and createRuntime run in the worker now
+    host_pid = int(chan.expect("hooked")["pid"])
+    st = hooks.state(spec, cid, "creating", host_pid, bundle)
+    hooks.run(spec, "createContainer", st)
+    if new_mnt:
+        rootfs.pivot(root)
+    system.set_names(spec, plan)
+    system.apply_sysctl(spec)
+    if new_mnt:
+        rootfs.readonly_paths(list(linux.get("readonlyPaths") or []))
+        rootfs.masked_paths(list(linux.get("maskedPaths") or []))
+        if (spec.get("root") or {}).get("readonly"):
+            rootfs.readonly_root()
+        rootfs.set_propagation(spec)
+
+    ex = proc.apply(process, stdio, flt, warn, console=lambda fd: chan.send_fd("console", fd))
+    chan.send("ready")
+    chan.expect("start")
+    hooks.run(spec, "startContainer", dict(st, status="created"))
+    proc.execute(ex, flt, bool(process.get("noNewPrivileges")))
+
+
+def _fork_into_pidns(chan: Channel) -> None:
+    """In the first child: fork the init into the pid namespace just created; only the init returns."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with step("fork the init into the new pid namespace"):
+        pid = os.fork()
+    if pid:
+        os.close(r)
+        chan.send("pid", pid=pid)
+        os._exit(0)
+    os.close(w)
+    # The worker reaps our parent on "pid" before reading anything else; wait for its
+    # exit (EOF) so our messages come after that one.
+    os.read(r, 1)
+    os.close(r)
+
+
+def _exec_body(
+    chan: Channel, init_pid: int, spec: dict, process: dict, stdio: ChildStdio, wait_go: bool
+) -> None:
+    if wait_go:
+        chan.expect("go")
+
+    def warn(message: str) -> None:
+        chan.send("warning", message=message)
+
+    flt = seccomp.compile((spec.get("linux") or {}).get("seccomp"), warn)
+    namespaces.enter_container(init_pid)
+    ex = proc.apply(process, stdio, flt, warn, console=lambda fd: chan.send_fd("console", fd))
+    proc.execute(ex, flt, bool(process.get("noNewPrivileges")))

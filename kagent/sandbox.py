@@ -1,0 +1,197 @@
+"""Sandbox state: the containers of this pod and their life cycle.
+
+The service layer calls these methods; they validate what the host sent, ask
+the zygote for a worker per container, and keep the supervisor-side state
+(kagent.container) that the stdio and wait RPCs use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+from typing import TYPE_CHECKING, Any
+
+from kagent import ipc
+from kagent import log as klog
+from kagent.container import Container, Process
+from kagent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+
+if TYPE_CHECKING:
+    from kagent.agent import Agent
+
+_log = klog.get_logger("sandbox")
+
+# Upstream's rule for container ids: no path tricks, no empty names.  Exec ids
+# never become paths here, but get the same alphabet (one character is enough).
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]+$")
+EXEC_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DEFAULT_RUN_DIR = "/run/kata-containers"
+
+
+def check_id(kind: str, value: str, pattern: re.Pattern = ID_RE) -> str:
+    if not pattern.match(value or "") or len(value) > 256:
+        raise InvalidArgument(f"invalid {kind} {value!r}: must match {pattern.pattern}")
+    return value
+
+
+class Sandbox:
+    def __init__(self, agent: Agent, run_dir: str | None = None) -> None:
+        self.agent = agent
+        self.run_dir = run_dir or os.environ.get("KAGENT_RUN_DIR") or DEFAULT_RUN_DIR
+        self.containers: dict[str, Container] = {}
+        self._creating: set[str] = set()
+
+    # -- helpers ------------------------------------------------------------
+
+    def get(self, cid: str) -> Container:
+        container = self.containers.get(cid)
+        if container is None:
+            raise NotFound(f"container {cid!r} not found")
+        return container
+
+    async def _spawn_worker(self, cid: str) -> tuple[ipc.Channel, int]:
+        zygote = self.agent.zygote_channel
+        if zygote is None or zygote.closed.done():
+            raise Unavailable("the zygote is gone: no new containers can be created")
+        mine, theirs = ipc.socketpair()
+        try:
+            reply, _ = await zygote.request({"op": "spawn", "entry": "container", "args": {"cid": cid}},
+                                            [theirs.fileno()])
+        except ipc.ChannelClosed:
+            mine.close()
+            raise Unavailable("the zygote is gone: no new containers can be created") from None
+        finally:
+            theirs.close()
+        if "error" in reply:
+            mine.close()
+            raise Unavailable(f"cannot start a worker for container {cid}: {reply['error']}")
+        channel = ipc.Channel(mine, name=f"worker {cid}")
+        return channel, int(reply["pid"])
+
+    def _write_bundle(self, cid: str, spec: dict[str, Any]) -> str:
+        bundle = os.path.join(self.run_dir, cid)
+        os.makedirs(bundle, mode=0o711, exist_ok=True)
+        tmp = os.path.join(bundle, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(spec, f)
+        os.replace(tmp, os.path.join(bundle, "config.json"))
+        return bundle
+
+    def _remove_bundle(self, cid: str) -> None:
+        bundle = os.path.join(self.run_dir, cid)
+        if os.path.dirname(os.path.normpath(bundle)) == os.path.normpath(self.run_dir):
+            shutil.rmtree(bundle, ignore_errors=True)
+
+    # -- life cycle ----------------------------------------------------------
+
+    async def create_container(self, cid: str, spec: dict[str, Any], *, pipe_size: int) -> Container:
+        check_id("container id", cid)
+        if cid in self.containers or cid in self._creating:
+            raise AlreadyExists(f"container {cid} already exists")
+        if not isinstance(spec.get("process"), dict) or not spec["process"].get("args"):
+            raise InvalidArgument(f"container {cid}: the OCI spec has no process.args")
+        if not isinstance(spec.get("root"), dict) or not spec["root"].get("path"):
+            raise InvalidArgument(f"container {cid}: the OCI spec has no root.path")
+        self._creating.add(cid)
+        channel = None
+        try:
+            bundle = self._write_bundle(cid, spec)
+            channel, worker_pid = await self._spawn_worker(cid)
+            container = Container(cid, bundle, spec, channel, worker_pid)
+            channel.on_event = container.on_event
+            reply, fds = await container.request("create", spec=spec, bundle=bundle, pipe_size=pipe_size)
+            container.add(Process.from_reply(cid, reply, fds, is_init=True))
+            container.state = "created"
+            self.containers[cid] = container
+            _log.info("container created", container_id=cid, init_pid=reply["pid"], worker_pid=worker_pid)
+            return container
+        except BaseException:
+            if channel is not None:
+                channel.close()  # EOF: the worker kills what it made and exits
+            self._remove_bundle(cid)
+            raise
+        finally:
+            self._creating.discard(cid)
+
+    async def start_container(self, cid: str) -> None:
+        container = self.get(cid)
+        async with container.lock:
+            if container.state != "created":
+                raise FailedPrecondition(f"container {cid} is {container.state}, not created")
+            await container.request("start")
+            container.state = "running"
+
+    async def exec_process(self, cid: str, exec_id: str, process: dict[str, Any], *, pipe_size: int) -> Process:
+        container = self.get(cid)
+        check_id("exec id", exec_id, EXEC_ID_RE)
+        if exec_id in container.processes or exec_id == cid:
+            raise AlreadyExists(f"exec id {exec_id} already exists in container {cid}")
+        if container.state != "running":
+            raise FailedPrecondition(f"container {cid} is {container.state}, not running")
+        if not process.get("args"):
+            raise InvalidArgument(f"exec {exec_id}: process.args is empty")
+        reply, fds = await container.request("exec", exec_id=exec_id, process=process, pipe_size=pipe_size)
+        proc = Process.from_reply(exec_id, reply, fds)
+        container.add(proc)
+        return proc
+
+    async def signal_process(self, cid: str, exec_id: str, sig: int) -> None:
+        container = self.get(cid)
+        if not 0 < sig < signal.NSIG:
+            raise InvalidArgument(f"invalid signal {sig}")
+        if not exec_id and sig == signal.SIGKILL:
+            await container.request("kill_all", signal=sig)  # "all": every process of the container
+            return
+        proc = container.find(exec_id)
+        if proc.is_init and sig == signal.SIGTERM and not handles_signal(proc.pid, sig):
+            # A pid-namespace init ignores signals it has no handler for: SIGTERM would do nothing.
+            sig = signal.SIGKILL
+        proc.signal(sig)
+
+    async def wait_process(self, cid: str, exec_id: str) -> int:
+        container = self.get(cid)
+        proc = container.find(exec_id)
+        status = await asyncio.shield(proc.exited)
+        container.retire(proc)
+        return int(status)
+
+    async def remove_container(self, cid: str, timeout: float) -> None:
+        container = self.get(cid)
+        async with container.lock:
+            try:
+                await asyncio.wait_for(container.request("destroy", timeout=timeout or 0),
+                                       timeout + 1 if timeout else None)
+            except TimeoutError:
+                raise FailedPrecondition(f"container {cid} not removed within {timeout}s") from None
+            except Unavailable:
+                pass  # the worker died: its processes were already killed
+            container.state = "removed"
+            container.channel.close()
+            container.close_all()
+            self.containers.pop(cid, None)
+            self._remove_bundle(cid)
+            _log.info("container removed", container_id=cid)
+
+    async def destroy(self) -> None:
+        for cid in list(self.containers):
+            with contextlib.suppress(Exception):
+                await self.remove_container(cid, 10)
+
+
+def handles_signal(pid: int, sig: int) -> bool:
+    """Whether the process catches, blocks or ignores ``sig`` (from /proc/<pid>/status)."""
+    bit = 1 << (sig - 1)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("SigCgt", "SigIgn", "SigBlk") and int(value.strip(), 16) & bit:
+                    return True
+    except (OSError, ValueError):
+        return True  # cannot tell: deliver the signal as asked
+    return False

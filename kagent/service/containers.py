@@ -1,0 +1,134 @@
+"""Container and process RPCs: thin handlers over kagent.sandbox.
+
+Stdio semantics (kagent.stdio): ReadStdout/ReadStderr return one read of up to
+``len`` bytes and empty data at EOF; WriteStdin with empty data closes stdin.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from google.protobuf import empty_pb2
+from google.protobuf.json_format import MessageToDict
+
+from kagent import oci
+from kagent.errors import FailedPrecondition, InvalidArgument, Unavailable, Unimplemented
+from kagent.protocols import agent_pb2
+
+if TYPE_CHECKING:
+    from kagent.agent import Agent
+
+EMPTY = empty_pb2.Empty()
+
+
+class ContainerService:
+    SERVICE = "grpc.AgentService"
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    @property
+    def sandbox(self):
+        return self.agent.sandbox
+
+    def _pipe_size(self) -> int:
+        return self.agent.config.container_pipe_size
+
+    # -- life cycle ------------------------------------------------------------
+
+    async def CreateContainer(self, req: agent_pb2.CreateContainerRequest, ctx):
+        if req.storages or req.devices:
+            kinds = sorted({s.driver for s in req.storages} | {d.type for d in req.devices})
+            raise Unimplemented(f"storages and devices ({', '.join(kinds)}) are not supported by kagent yet")
+        if req.stdin_port or req.stdout_port or req.stderr_port:
+            raise Unimplemented("direct stdio streams (passfd ports) are not supported by kagent yet")
+        if not req.HasField("OCI"):
+            raise InvalidArgument("CreateContainer needs an OCI spec")
+        spec = oci.spec_to_dict(req.OCI)
+        if req.HasField("string_user"):
+            spec.setdefault("process", {})["stringUser"] = _string_user(req.string_user)
+        await self.sandbox.create_container(req.container_id, spec, pipe_size=self._pipe_size())
+        return EMPTY
+
+    async def StartContainer(self, req: agent_pb2.StartContainerRequest, ctx):
+        await self.sandbox.start_container(req.container_id)
+        return EMPTY
+
+    async def RemoveContainer(self, req: agent_pb2.RemoveContainerRequest, ctx):
+        await self.sandbox.remove_container(req.container_id, float(req.timeout))
+        return EMPTY
+
+    async def ExecProcess(self, req: agent_pb2.ExecProcessRequest, ctx):
+        if req.stdin_port or req.stdout_port or req.stderr_port:
+            raise Unimplemented("direct stdio streams (passfd ports) are not supported by kagent yet")
+        if not req.HasField("process"):
+            raise InvalidArgument("ExecProcess needs a process")
+        process = oci.process_to_dict(req.process)
+        if req.HasField("string_user"):
+            process["stringUser"] = _string_user(req.string_user)
+        await self.sandbox.exec_process(req.container_id, req.exec_id, process, pipe_size=self._pipe_size())
+        return EMPTY
+
+    async def SignalProcess(self, req: agent_pb2.SignalProcessRequest, ctx):
+        await self.sandbox.signal_process(req.container_id, req.exec_id, req.signal)
+        return EMPTY
+
+    async def WaitProcess(self, req: agent_pb2.WaitProcessRequest, ctx):
+        status = await self.sandbox.wait_process(req.container_id, req.exec_id)
+        return agent_pb2.WaitProcessResponse(status=status)
+
+    # -- stdio ------------------------------------------------------------------
+
+    async def _read(self, req: agent_pb2.ReadStreamRequest, stderr: bool) -> agent_pb2.ReadStreamResponse:
+        container = self.sandbox.get(req.container_id)
+        proc = container.find_stream_owner(req.exec_id)
+        stream = proc.stdout if (proc.terminal or not stderr) else proc.stderr
+        if stream is None:
+            raise FailedPrecondition(f"process {proc.exec_id} has no {'stderr' if stderr else 'stdout'}")
+        try:
+            data = await stream.read(req.len)
+        finally:
+            container.after_read(proc)
+        return agent_pb2.ReadStreamResponse(data=data)
+
+    async def ReadStdout(self, req: agent_pb2.ReadStreamRequest, ctx):
+        return await self._read(req, stderr=False)
+
+    async def ReadStderr(self, req: agent_pb2.ReadStreamRequest, ctx):
+        return await self._read(req, stderr=True)
+
+    async def WriteStdin(self, req: agent_pb2.WriteStreamRequest, ctx):
+        proc = self.sandbox.get(req.container_id).find(req.exec_id)
+        if proc.stdin is None:
+            raise FailedPrecondition(f"process {proc.exec_id} has no stdin")
+        if not req.data:
+            proc.stdin.close()  # empty data is how the host says end-of-input
+            return agent_pb2.WriteStreamResponse(len=0)
+        try:
+            n = await proc.stdin.write(req.data)
+        except BrokenPipeError as exc:
+            raise FailedPrecondition(f"stdin of process {proc.exec_id} is closed: {exc.strerror}") from None
+        return agent_pb2.WriteStreamResponse(len=n)
+
+    async def CloseStdin(self, req: agent_pb2.CloseStdinRequest, ctx):
+        proc = self.sandbox.get(req.container_id).find(req.exec_id)
+        if proc.stdin is not None:
+            proc.stdin.close()
+        return EMPTY
+
+    async def TtyWinResize(self, req: agent_pb2.TtyWinResizeRequest, ctx):
+        proc = self.sandbox.get(req.container_id).find(req.exec_id)
+        if not proc.terminal or proc.stdin is None:
+            raise Unavailable(f"process {proc.exec_id} has no tty")
+        proc.stdin.resize(req.row, req.column)
+        return EMPTY
+
+    async def GetOOMEvent(self, req, ctx):
+        # Long-poll: returns when a container is OOM-killed (detection lands with the cgroup layer).
+        cid = await self.agent.oom_events.get()
+        return agent_pb2.OOMEvent(container_id=cid)
+
+
+def _string_user(su: agent_pb2.StringUser) -> dict:
+    return MessageToDict(su, preserving_proto_field_name=True)
+

@@ -1,0 +1,244 @@
+"""The per-container worker: forked by the zygote, one per container.
+
+It is single-threaded and loop-free.  It builds the container with
+kagent.runtime, holds the init until StartContainer, forks exec'd processes,
+reaps every child (it is a child subreaper) and reports each exit to the
+supervisor.  The parent ends of each process's stdio go to the supervisor
+with SCM_RIGHTS, together with a pidfd, so the supervisor serves stdio and can
+kill the process without a pid-reuse race, even if this worker dies.
+
+Requests (kagent.ipc records, answered with {"reply": id, ...} or
+{"reply": id, "error": {...}}):
+  create {spec, bundle, pipe_size}        -> {pid, terminal} + fds [pidfd, stdin, stdout(, stderr)]
+  start                                   -> {}
+  exec   {exec_id, process, pipe_size}    -> {pid, terminal} + fds as for create
+  signal {exec_id, signal}                -> {}            (a process that is gone is not an error)
+  kill_all {signal}                       -> {}
+  destroy {timeout}                       -> {} once every process is gone; then the worker exits
+Events: {"event": "exit", "exec_id", "pid", "status"} (status: code, or 128+signal)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import time
+from typing import Any
+
+from kagent import ipc
+from kagent.zygote import exit_status, set_title
+
+DESTROY_GRACE = 10.0  # seconds to wait for SIGKILLed processes when no timeout is given
+
+
+class RequestError(Exception):
+    """A request the worker refuses; carries the fields the supervisor maps to a status."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Worker:
+    def __init__(self, sock: socket.socket, cid: str) -> None:
+        self.sock = sock
+        self.cid = cid
+        self.init = None  # runtime InitHandle
+        self.init_pid: int | None = None
+        self.spec: dict[str, Any] | None = None
+        self.bundle = ""
+        self.procs: dict[int, str] = {}  # live pid -> exec_id
+        self.exited: dict[str, int] = {}  # exec_id -> status, for processes already reported
+        self.destroying = False
+
+    # -- the loop -----------------------------------------------------------
+
+    def serve(self) -> int:
+        rd, wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(wr)
+        while True:
+            ready, _, _ = select.select([self.sock, rd], [], [], 1.0)
+            if rd in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(rd, 4096)
+            self.reap()
+            if self.sock not in ready:
+                continue
+            try:
+                got = ipc.recv(self.sock)
+            except ValueError:
+                continue
+            except OSError:
+                got = None
+            if got is None:
+                # The supervisor is gone: a container without its agent must not linger.
+                self.kill_everything()
+                return 1
+            msg, fds = got
+            for fd in fds:
+                os.close(fd)
+            if self.handle(msg):
+                return 0
+
+    def handle(self, msg: dict) -> bool:
+        """Answer one request; True when the worker should exit."""
+        rid = msg.get("id")
+        op = msg.get("op")
+        fds: list[int] = []
+        reply: dict[str, Any] = {"reply": rid}
+        done = False
+        try:
+            method = getattr(self, f"op_{op}", None)
+            if method is None:
+                raise RequestError("invalid", f"unknown worker op {op!r}")
+            extra, fds = method(msg)
+            reply.update(extra)
+            done = op == "destroy"
+        except RequestError as exc:
+            reply["error"] = {"kind": exc.kind, "message": str(exc)}
+        except Exception as exc:  # a set-up failure (SetupError) or a bug: the supervisor decides
+            to_dict = getattr(exc, "to_dict", None)
+            reply["error"] = {"kind": "setup", **to_dict()} if to_dict else {
+                "kind": "internal", "message": f"{type(exc).__name__}: {exc}"}
+        try:
+            ipc.send(self.sock, reply, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return done
+
+    # -- requests -----------------------------------------------------------
+
+    def op_create(self, msg: dict) -> tuple[dict, list[int]]:
+        from kagent.runtime.container import start_init
+        from kagent.runtime.stdio import make_stdio
+
+        if self.init is not None or self.init_pid is not None:
+            raise RequestError("exists", f"container {self.cid} was already created")
+        spec = msg["spec"]
+        self.bundle = msg["bundle"]
+        terminal = bool(spec.get("process", {}).get("terminal"))
+        parent, child = make_stdio(terminal, int(msg.get("pipe_size") or 0))
+        try:
+            handle = start_init(spec, self.bundle, child, container_id=self.cid)
+        except BaseException:
+            parent.close()
+            raise
+        self.init, self.init_pid, self.spec = handle, handle.pid, spec
+        self.procs[handle.pid] = self.cid
+        return self._process_reply(handle.pid, parent)
+
+    def op_start(self, msg: dict) -> tuple[dict, list[int]]:
+        if self.init is None:
+            raise RequestError("state", f"container {self.cid} has no init to start")
+        if self.init.started:
+            raise RequestError("state", f"container {self.cid} is already started")
+        self.init.start()
+        return {"warnings": list(self.init.warnings)}, []
+
+    def op_exec(self, msg: dict) -> tuple[dict, list[int]]:
+        from kagent.runtime.container import exec_process
+        from kagent.runtime.stdio import make_stdio
+
+        if self.init_pid is None or self.init_pid not in self.procs:
+            raise RequestError("state", f"container {self.cid} is not running")
+        exec_id = str(msg["exec_id"])
+        if exec_id in self.procs.values():
+            raise RequestError("exists", f"exec id {exec_id} is already running in container {self.cid}")
+        process = msg["process"]
+        parent, child = make_stdio(bool(process.get("terminal")), int(msg.get("pipe_size") or 0))
+        try:
+            pid = exec_process(self.init_pid, self.spec or {}, process, child)
+        except BaseException:
+            parent.close()
+            raise
+        self.procs[pid] = exec_id
+        self.exited.pop(exec_id, None)
+        return self._process_reply(pid, parent)
+
+    def op_signal(self, msg: dict) -> tuple[dict, list[int]]:
+        exec_id = str(msg["exec_id"])
+        sig = int(msg["signal"])
+        for pid, eid in self.procs.items():
+            if eid == exec_id:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+                return {}, []
+        if exec_id in self.exited:
+            return {}, []  # already gone: signalling it is a no-op, as upstream ignores ESRCH
+        raise RequestError("not_found", f"process {exec_id} not found in container {self.cid}")
+
+    def op_kill_all(self, msg: dict) -> tuple[dict, list[int]]:
+        sig = int(msg["signal"])
+        for pid in list(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return {}, []
+
+    def op_destroy(self, msg: dict) -> tuple[dict, list[int]]:
+        timeout = float(msg.get("timeout") or 0) or DESTROY_GRACE
+        self.destroying = True
+        if self.init is not None and not self.init.started:
+            self.init.abort()  # never started: kill and reap it now
+            self.procs.pop(self.init.pid, None)
+            self._report(self.init.pid, self.cid, 128 + signal.SIGKILL)
+        if not self.kill_everything(timeout):
+            left = ", ".join(str(p) for p in self.procs)
+            raise RequestError("timeout", f"container {self.cid}: processes {left} still running after {timeout:g}s")
+        return {}, []
+
+    # -- processes ----------------------------------------------------------
+
+    def _process_reply(self, pid: int, parent) -> tuple[dict, list[int]]:
+        if parent.terminal and parent.stdin < 0:
+            raise RequestError("internal", f"process {pid} asked for a terminal but sent no console")
+        pidfd = os.pidfd_open(pid)
+        fds = [pidfd, parent.stdin, parent.stdout] + ([parent.stderr] if parent.stderr is not None else [])
+        if parent.terminal:
+            fds = [pidfd, parent.stdin]  # the pty master serves stdin and stdout
+        return {"pid": pid, "terminal": parent.terminal}, fds
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            exec_id = self.procs.pop(pid, None)
+            if exec_id is not None:
+                self._report(pid, exec_id, exit_status(status))
+            # Other pids are orphans re-parented to us (we are a subreaper): reaped, not reported.
+
+    def _report(self, pid: int, exec_id: str, status: int) -> None:
+        self.exited[exec_id] = status
+        with contextlib.suppress(OSError):
+            ipc.send(self.sock, {"event": "exit", "exec_id": exec_id, "pid": pid, "status": status})
+
+    def kill_everything(self, timeout: float = DESTROY_GRACE) -> bool:
+        """SIGKILL every process (the init last, so a shared pid ns is not torn down
+        under the others' feet) and reap them; True when all are gone."""
+        for pid in sorted(self.procs, key=lambda p: p == self.init_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while self.procs and time.monotonic() < deadline:
+            self.reap()
+            if self.procs:
+                time.sleep(0.005)
+        return not self.procs
+
+
+def run(sock: socket.socket, args: dict) -> int:
+    """Zygote entry point for a container worker."""
+    from kagent.runtime import syscalls
+
+    cid = str(args.get("cid", "?"))
+    set_title(f"kagent: worker {cid}")
+    syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
+    return Worker(sock, cid).serve()

@@ -1,0 +1,38 @@
+"""Fixtures for end-to-end container tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+from e2e import Agent
+
+from kagent import devtools
+
+
+@pytest.fixture(scope="session")
+def rootfs():
+    if devtools.find_busybox() is None:
+        pytest.skip("busybox is not installed (apt-get install busybox-static)")
+    top = tempfile.mkdtemp(prefix="kagent-e2e-rootfs-")
+    os.chmod(top, 0o755)
+    try:
+        yield devtools.build_busybox_rootfs(os.path.join(top, "rootfs"))
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+def agent():
+    workdir = tempfile.mkdtemp(prefix="kag-", dir="/tmp")
+    a = Agent(workdir)
+    try:
+        yield a
+    finally:
+        rc = a.stop()
+        log = a.log()
+        shutil.rmtree(workdir, ignore_errors=True)
+        assert rc == 0, f"kagent exited with {rc}:\n{log[-4000:]}"
+        assert '"level":"error"' not in log or "worker died" in log, log[-4000:]

@@ -1,0 +1,88 @@
+"""End-to-end helpers: a real kagent process, and a client that calls RPCs by name."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from kagent import oci, protocols
+from kagent.ttrpc.client import Client
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Agent:
+    """A kagent process on a unix socket with its own run directory."""
+
+    def __init__(self, workdir: str, cmdline: str = "quiet") -> None:
+        self.workdir = workdir
+        self.sock = os.path.join(workdir, "agent.sock")
+        self.addr = "unix://" + self.sock
+        self.run_dir = os.path.join(workdir, "run")
+        with open(os.path.join(workdir, "cmdline"), "w") as f:
+            f.write(cmdline + "\n")
+        self.log_path = os.path.join(workdir, "agent.log")
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kagent", "--cmdline-file", os.path.join(workdir, "cmdline"),
+             "--server-addr", self.addr, "--log-level", "debug"],
+            stdout=log, stderr=log, cwd=REPO, env={**os.environ, "KAGENT_RUN_DIR": self.run_dir})
+        log.close()
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class Calls:
+    """RPCs by name: ``await calls.CreateContainer(container_id=..., OCI=...)``."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def __getattr__(self, name: str):
+        method = protocols.find(name)
+
+        async def call(timeout: float | None = 60, **fields):
+            return await self.client.call(method.service, method.name, method.request(**fields), method.response,
+                                          timeout=timeout)
+
+        return call
+
+    async def create(self, cid: str, spec: dict, **kw):
+        return await self.CreateContainer(container_id=cid, exec_id=cid, OCI=oci.spec_from_dict(spec), **kw)
+
+    async def read_all(self, cid: str, exec_id: str, stream: str = "stdout", size: int = 32768) -> bytes:
+        read = self.ReadStdout if stream == "stdout" else self.ReadStderr
+        chunks = []
+        while True:
+            r = await read(container_id=cid, exec_id=exec_id, len=size, timeout=None)
+            if not r.data:
+                return b"".join(chunks)
+            chunks.append(r.data)
+
+    async def run(self, cid: str, spec: dict) -> tuple[int, bytes, bytes]:
+        """create, start, read both streams, wait, remove."""
+        import asyncio
+
+        await self.create(cid, spec)
+        await self.StartContainer(container_id=cid)
+        out, err, status = await asyncio.gather(self.read_all(cid, cid), self.read_all(cid, cid, "stderr"),
+                                                self.WaitProcess(container_id=cid, exec_id=cid, timeout=None))
+        await self.RemoveContainer(container_id=cid)
+        return status.status, out, err
+
+
+async def connect(agent: Agent) -> Calls:
+    return Calls(await Client.connect(agent.addr, timeout=20))
