@@ -1,7 +1,7 @@
 """The supervisor: owns everything the host sees (ttRPC, sandbox state, logs).
 
 It runs one uvloop event loop.  The zygote was forked before the loop existed;
-the supervisor talks to it over a socketpair and watches it with SIGCHLD.
+the supervisor talks to it over a socketpair and notices its death as EOF.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ import time
 from kagent import ipc
 from kagent import log as klog
 from kagent.config import AgentConfig
+from kagent.devices import handlers
+from kagent.devices.listener import UeventListener
+from kagent.devices.registry import DeviceRegistry
+from kagent.metrics import AgentMetrics
 from kagent.sandbox import Sandbox
 from kagent.service import build_routes, implemented
 from kagent.service.health import HealthService
@@ -32,14 +36,27 @@ class Agent:
         self.server: Server | None = None
         self.sandbox: Sandbox | None = None
         self.oom_events: asyncio.Queue[str] = asyncio.Queue()  # container ids, for GetOOMEvent
+        self.devices = DeviceRegistry(hotplug_timeout=config.hotplug_timeout)
+        self.uevents: UeventListener | None = None
+        self.metrics = AgentMetrics()
         self._stop = asyncio.Event()
         self.exit_code = 0
 
     def services(self) -> list[object]:
         from kagent.service.containers import ContainerService
+        from kagent.service.guest import GuestService
         from kagent.service.network import NetworkService
 
-        return [HealthService(), ContainerService(self), NetworkService(self)]
+        return [HealthService(), ContainerService(self), GuestService(self),
+                NetworkService(self, wait_for_device=self.wait_for_net_device)]
+
+    # -- device waits the services use ---------------------------------------
+
+    async def wait_for_net_device(self, pci_path: str, timeout: float) -> str:
+        return await handlers.net_pci(self.devices, pci_path, timeout=timeout)
+
+    async def wait_for_pci_block(self, pci_path: str) -> str:
+        return await handlers.virtio_blk_pci(self.devices, pci_path, timeout=self.config.hotplug_timeout)
 
     def stop(self, reason: str) -> None:
         if not self._stop.is_set():
@@ -55,6 +72,7 @@ class Agent:
             # uvloop keeps SIGCHLD for itself; the zygote's death shows as EOF on its socket.
             self.zygote_channel.closed.add_done_callback(lambda _: self._on_zygote_gone())
         self.sandbox = Sandbox(self)
+        self._start_uevents()  # before serving: no hot-plug event may be missed
         routes = build_routes(self.services())
         self.server = Server(routes)
         try:
@@ -69,7 +87,18 @@ class Agent:
         await self._shutdown()
         return self.exit_code
 
+    def _start_uevents(self) -> None:
+        self.uevents = UeventListener(self.devices)
+        try:
+            self.uevents.start()
+        except OSError as exc:
+            _log.error("uevent listener not started: device waits will time out", error=str(exc))
+            self.uevents = None
+
     async def _shutdown(self) -> None:
+        if self.uevents is not None:
+            self.uevents.close()
+            self.uevents = None
         if self.server is not None:
             await self.server.close()
         if self.sandbox is not None:

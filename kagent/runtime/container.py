@@ -324,22 +324,36 @@ def _report(chan: Channel, exc: SetupError) -> None:
         pass
 
 
+_SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134, "arm64": 134}
+
+
 def _reset_signals() -> None:
     """The worker's handlers must not run here, and its ignored/blocked signals must not leak
-    into the container (Python ignores SIGPIPE and SIGXFSZ)."""
+    into the container (Python ignores SIGPIPE and SIGXFSZ; whoever started the agent may
+    have ignored more, even the real-time signals glibc reserves, which Python cannot set)."""
     signal.set_wakeup_fd(-1)
-    for sig in signal.valid_signals():
-        # getsignal reads Python's table (no syscall); it knows the dispositions Python
-        # inherited or set.  Handlers set from C are reset by execve anyway.
-        if (
-            sig not in (signal.SIGKILL, signal.SIGSTOP)
-            and signal.getsignal(sig) is not signal.SIG_DFL
-        ):
-            try:
+    for sig in range(1, signal.NSIG):
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            if signal.getsignal(sig) is not signal.SIG_DFL:
                 signal.signal(sig, signal.SIG_DFL)
-            except (OSError, ValueError):
-                pass
+        except (OSError, ValueError):
+            _default_disposition_raw(sig)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _default_disposition_raw(sig: int) -> None:
+    """rt_sigaction(sig, SIG_DFL) straight to the kernel, past glibc's reserved-signal guard."""
+    import ctypes
+    import platform
+
+    nr = _SYS_RT_SIGACTION.get(platform.machine())
+    if nr is None:
+        return
+    # struct kernel_sigaction {handler, flags, restorer, mask}: all zero is SIG_DFL.
+    act = (ctypes.c_ulong * 4)()
+    ctypes.CDLL(None, use_errno=True).syscall(nr, sig, ctypes.byref(act), None, 8)
 
 
 def _init_body(
