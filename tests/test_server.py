@@ -414,3 +414,34 @@ def test_encode_ok_matches_protobuf():
 def test_agent_proto_request_type_for_create_container():
     m = protocols.find("CreateContainer")
     assert m.request is agent_pb2.CreateContainerRequest
+
+
+async def test_interceptors_wrap_every_call_outermost_first(tmp_sock_dir):
+    seen: list[str] = []
+
+    async def outer(ctx, request, call_next):
+        seen.append(f"outer:{ctx.request_name}")
+        response = await call_next()
+        seen.append("outer:done")
+        return response
+
+    async def refuse_sleep(ctx, request, call_next):
+        seen.append("inner")
+        if ctx.method == "Sleep":
+            from kagent.errors import PermissionDenied
+
+            raise PermissionDenied(f"{ctx.request_name} is blocked")
+        return await call_next()
+
+    server = Server(make_routes(Probe()), interceptors=[outer, refuse_sleep])
+    addr = "unix://" + os.path.join(tmp_sock_dir, "i.sock")
+    await server.start(addr)
+    try:
+        async with await Client.connect(addr) as client:
+            assert await check(client) == 1
+            with pytest.raises(RpcError) as err:
+                await client.call("test.Probe", "Sleep", health_pb2.CheckRequest(service="0"), health_pb2.CheckRequest)
+            assert err.value.code == Code.PERMISSION_DENIED and "CheckRequest is blocked" in err.value.message
+        assert seen == ["outer:CheckRequest", "inner", "outer:done", "outer:CheckRequest", "inner"]
+    finally:
+        await server.close()

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,11 @@ from kagent.ttrpc.transports import listen, open_serial
 _log = klog.get_logger("ttrpc")
 
 Handler = Callable[[Any, "Context"], Awaitable[Message]]
+# An interceptor wraps every call: ``await interceptor(ctx, request, call_next)`` returns the
+# response (it may refuse, replace the response, time it, trace it).  The first one listed is
+# the outermost.  Used by tracing, metrics and the agent policy.
+CallNext = Callable[[], Awaitable[Message]]
+Interceptor = Callable[["Context", Message, CallNext], Awaitable[Message]]
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,11 @@ class Context:
     method: str
     metadata: dict[str, list[str]] = field(default_factory=dict)
     deadline: float | None = None  # loop.time() at which the caller gives up
+
+    @property
+    def request_name(self) -> str:
+        """The request message's name, e.g. "CreateContainerRequest" (policy rules use it)."""
+        return self.connection.server.routes[(self.service, self.method)].request_type.DESCRIPTOR.name
 
 
 def encode_ok(stream_id: int, payload: bytes) -> bytes:
@@ -181,11 +192,12 @@ class Connection(asyncio.Protocol):
         code = Code.OK
         try:
             try:
+                call = self.server.chain(route, request, ctx)
                 if ctx.deadline is not None:
                     async with asyncio.timeout_at(ctx.deadline):
-                        response = await route.handler(request, ctx)
+                        response = await call()
                 else:
-                    response = await route.handler(request, ctx)
+                    response = await call()
                 body = response.SerializeToString()
                 if len(body) + 64 > self.server.max_message:
                     code = Code.INVALID_ARGUMENT
@@ -248,8 +260,10 @@ class Server:
     """Serve routes on any number of addresses."""
 
     def __init__(self, routes: Mapping[tuple[str, str], Route], *,
-                 max_message: int = framing.MESSAGE_LENGTH_MAX) -> None:
+                 max_message: int = framing.MESSAGE_LENGTH_MAX,
+                 interceptors: Sequence[Interceptor] = ()) -> None:
         self.routes = dict(routes)
+        self.interceptors = list(interceptors)
         self.services = {svc for svc, _ in self.routes}
         self.max_message = max_message
         self.closing = False
@@ -257,6 +271,15 @@ class Server:
         self._listeners: list[asyncio.AbstractServer] = []
         self._serial_tasks: list[asyncio.Task] = []
         self._socket_files: list[str] = []
+
+    def chain(self, route: Route, request: Message, ctx: Context) -> CallNext:
+        """The handler call wrapped by the interceptors, outermost first."""
+        def call() -> Awaitable[Message]:
+            return route.handler(request, ctx)
+
+        for interceptor in reversed(self.interceptors):
+            call = functools.partial(interceptor, ctx, request, call)
+        return call
 
     def route(self, service: str, method: str) -> tuple[Route | None, Code, str]:
         found = self.routes.get((service, method))
