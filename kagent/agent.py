@@ -14,6 +14,7 @@ import time
 
 from kagent import ipc
 from kagent import log as klog
+from kagent.cgroups import OomEvents
 from kagent.config import AgentConfig
 from kagent.devices import handlers
 from kagent.devices.listener import UeventListener
@@ -35,7 +36,7 @@ class Agent:
         self.zygote_channel: ipc.Channel | None = None
         self.server: Server | None = None
         self.sandbox: Sandbox | None = None
-        self.oom_events: asyncio.Queue[str] = asyncio.Queue()  # container ids, for GetOOMEvent
+        self.oom_events = OomEvents()  # container ids of OOM kills, for GetOOMEvent
         self.devices = DeviceRegistry(hotplug_timeout=config.hotplug_timeout)
         self.uevents: UeventListener | None = None
         self.metrics = AgentMetrics()
@@ -103,6 +104,7 @@ class Agent:
             await self.server.close()
         if self.sandbox is not None:
             await self.sandbox.destroy()
+        self.oom_events.close()
         if self.zygote_channel is not None:
             self.zygote_channel.close()  # EOF: the zygote exits by itself
         if self.zygote is not None:

@@ -113,6 +113,8 @@ class Container:
         self.channel = channel
         self.worker_pid = worker_pid
         self.state = "creating"
+        self.paused_from = ""
+        self.cgroup = None  # kagent.cgroups.Manager bound to the container's cgroup
         self.processes: dict[str, Process] = {}
         # Waited-for processes whose output the host may still be reading.
         self.draining: dict[str, Process] = {}
@@ -120,6 +122,29 @@ class Container:
         self._early_exits: dict[str, tuple[int, int]] = {}
         self.lock = asyncio.Lock()  # one life-cycle operation at a time
         channel.closed.add_done_callback(lambda _: self._worker_gone())
+
+    def attach_cgroup(self, parent: str, path: str) -> None:
+        """Bind a manager to the cgroup the worker made (stats, freezer, updates, OOM)."""
+        if not path:
+            return
+        from kagent.cgroups import new_manager
+
+        cgroups_path = (self.spec.get("linux") or {}).get("cgroupsPath") or ""
+        manager = new_manager(parent).open(cgroups_path, container_id=self.cid)
+        if manager.path != path:  # both sides compute it with the same rule
+            raise RuntimeError(f"cgroup path mismatch: worker made {path}, supervisor found {manager.path}")
+        self.cgroup = manager
+
+    def destroy_cgroup(self, timeout: float) -> None:
+        if self.cgroup is None:
+            return
+        with contextlib.suppress(Exception):
+            self.cgroup.kill_all(signal.SIGKILL)
+        try:
+            self.cgroup.destroy(timeout)
+        except Exception as exc:
+            _log.warning("container cgroup not removed", container_id=self.cid, error=str(exc))
+        self.cgroup = None
 
     # -- talking to the worker ----------------------------------------------
 

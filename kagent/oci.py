@@ -29,6 +29,7 @@ _NAMES = {
     "GIDMappings": "gidMappings",
     "CPU": "cpu",
     "errnoret": "errnoRet",
+    "Pagesize": "pageSize",
 }
 
 _KEEP_ZEROS = {
@@ -124,3 +125,7 @@ def spec_from_dict(data: dict[str, Any]) -> oci_pb2.Spec:
 
 def process_from_dict(data: dict[str, Any]) -> oci_pb2.Process:
     return _fill(oci_pb2.Process(), data)  # type: ignore[return-value]
+
+
+def resources_from_dict(data: dict[str, Any]) -> oci_pb2.LinuxResources:
+    return _fill(oci_pb2.LinuxResources(), data)  # type: ignore[return-value]

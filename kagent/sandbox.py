@@ -104,8 +104,12 @@ class Sandbox:
             channel, worker_pid = await self._spawn_worker(cid)
             container = Container(cid, bundle, spec, channel, worker_pid)
             channel.on_event = container.on_event
-            reply, fds = await container.request("create", spec=spec, bundle=bundle, pipe_size=pipe_size)
+            reply, fds = await container.request("create", spec=spec, bundle=bundle, pipe_size=pipe_size,
+                                                 cgroup_parent=self.agent.config.cgroup_parent)
             container.add(Process.from_reply(cid, reply, fds, is_init=True))
+            container.attach_cgroup(self.agent.config.cgroup_parent, reply.get("cgroup_path") or "")
+            for warning in reply.get("warnings") or ():
+                _log.warning("container set-up", container_id=cid, warning=warning)
             container.state = "created"
             self.containers[cid] = container
             _log.info("container created", container_id=cid, init_pid=reply["pid"], worker_pid=worker_pid)
@@ -125,6 +129,11 @@ class Sandbox:
                 raise FailedPrecondition(f"container {cid} is {container.state}, not created")
             await container.request("start")
             container.state = "running"
+        if container.cgroup is not None:
+            try:
+                self.agent.oom_events.watch(cid, container.cgroup.oom_watch())
+            except Exception as exc:  # OOM reporting is best effort; the container runs
+                _log.warning("no OOM events for this container", container_id=cid, error=str(exc))
 
     async def exec_process(self, cid: str, exec_id: str, process: dict[str, Any], *, pipe_size: int) -> Process:
         container = self.get(cid)
@@ -169,7 +178,10 @@ class Sandbox:
             except TimeoutError:
                 raise FailedPrecondition(f"container {cid} not removed within {timeout}s") from None
             except Unavailable:
-                pass  # the worker died: its processes were already killed
+                # The worker died: its processes were killed through their pidfds; the
+                # cgroup it made is ours to remove.
+                await asyncio.to_thread(container.destroy_cgroup, timeout or 10)
+            self.agent.oom_events.unwatch(cid)
             container.state = "removed"
             container.channel.close()
             container.close_all()
@@ -177,10 +189,63 @@ class Sandbox:
             self._remove_bundle(cid)
             _log.info("container removed", container_id=cid)
 
+    # -- resources (cgroups) ---------------------------------------------------
+
+    def _cgroup(self, container: Container):
+        if container.cgroup is None:
+            raise FailedPrecondition(f"container {container.cid} has no cgroup")
+        return container.cgroup
+
+    async def pause_container(self, cid: str) -> None:
+        container = self.get(cid)
+        async with container.lock:
+            if container.state not in ("running", "created"):
+                raise FailedPrecondition(f"container {cid} is {container.state}: only a running or created one "
+                                         "can be paused")
+            await asyncio.to_thread(self._cgroup(container).freeze)
+            container.paused_from, container.state = container.state, "paused"
+
+    async def resume_container(self, cid: str) -> None:
+        container = self.get(cid)
+        async with container.lock:
+            if container.state != "paused":
+                raise FailedPrecondition(f"container {cid} is {container.state}, not paused")
+            await asyncio.to_thread(self._cgroup(container).thaw)
+            container.state = container.paused_from or "running"
+
+    async def update_container(self, cid: str, resources: dict[str, Any]) -> list[str]:
+        container = self.get(cid)
+        async with container.lock:
+            warnings = await asyncio.to_thread(self._cgroup(container).set, resources, True)
+            linux = container.spec.setdefault("linux", {})
+            linux["resources"] = {**(linux.get("resources") or {}), **resources}
+            return warnings
+
+    async def stats(self, cid: str) -> dict[str, Any]:
+        container = self.get(cid)
+        return await asyncio.to_thread(self._cgroup(container).stats)
+
+    async def online_cpu_mem(self, nb_cpus: int, cpu_only: bool) -> None:
+        """OnlineCPUMem: bring CPUs (and memory) online, then the seed's cpuset rule."""
+        from kagent import cgroups
+
+        if nb_cpus > 0:
+            await cgroups.online_cpus(nb_cpus)
+        if not cpu_only:
+            await asyncio.to_thread(cgroups.online_memory)
+        if nb_cpus <= 0:
+            return
+        guest = await asyncio.to_thread(cgroups.guest_cpus)
+        for container in list(self.containers.values()):
+            cpus = ((container.spec.get("linux") or {}).get("resources") or {}).get("cpu", {}).get("cpus")
+            if container.cgroup is not None and cpus:
+                await asyncio.to_thread(container.cgroup.update_cpuset, guest, cpus)
+
     async def destroy(self) -> None:
         for cid in list(self.containers):
             with contextlib.suppress(Exception):
                 await self.remove_container(cid, 10)
+        await asyncio.to_thread(remove_empty_cgroups, self.agent.config.cgroup_parent)
 
 
 def handles_signal(pid: int, sig: int) -> bool:
@@ -195,3 +260,25 @@ def handles_signal(pid: int, sig: int) -> bool:
     except (OSError, ValueError):
         return True  # cannot tell: deliver the signal as asked
     return False
+
+
+def remove_empty_cgroups(parent: str) -> None:
+    """At the end: remove the (empty) pod cgroups and the agent's own parent, bottom up.
+
+    rmdir only succeeds on a cgroup without processes or children, so nothing in
+    use is touched; what is still busy stays.
+    """
+    from kagent.cgroups import Layout
+
+    try:
+        layout = Layout.discover()
+    except Exception:
+        return
+    roots = list(layout.v1.values()) + ([layout.unified] if layout.unified else [])
+    for root in dict.fromkeys(roots):
+        top = os.path.join(root, parent)
+        if not os.path.isdir(top):
+            continue
+        for dirpath, _dirs, _files in os.walk(top, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from google.protobuf import empty_pb2
 from google.protobuf.json_format import MessageToDict
 
-from kagent import oci
+from kagent import cgroups, oci
 from kagent.errors import FailedPrecondition, InvalidArgument, Unavailable, Unimplemented
 from kagent.protocols import agent_pb2
 
@@ -124,9 +124,33 @@ class ContainerService:
         return EMPTY
 
     async def GetOOMEvent(self, req, ctx):
-        # Long-poll: returns when a container is OOM-killed (detection lands with the cgroup layer).
+        # Long-poll: the id of the next container the kernel OOM-killed a process in.
         cid = await self.agent.oom_events.get()
         return agent_pb2.OOMEvent(container_id=cid)
+
+    # -- resources (cgroups) ----------------------------------------------------
+
+    async def UpdateContainer(self, req: agent_pb2.UpdateContainerRequest, ctx):
+        await self.sandbox.update_container(req.container_id, oci.resources_to_dict(req.resources))
+        return EMPTY
+
+    async def StatsContainer(self, req: agent_pb2.StatsContainerRequest, ctx):
+        stats = await self.sandbox.stats(req.container_id)
+        # network_stats stays empty, as upstream: the host reads them from the VM's tap devices.
+        return agent_pb2.StatsContainerResponse(cgroup_stats=cgroups.to_proto(stats))
+
+    async def PauseContainer(self, req: agent_pb2.PauseContainerRequest, ctx):
+        await self.sandbox.pause_container(req.container_id)
+        return EMPTY
+
+    async def ResumeContainer(self, req: agent_pb2.ResumeContainerRequest, ctx):
+        await self.sandbox.resume_container(req.container_id)
+        return EMPTY
+
+    async def OnlineCPUMem(self, req: agent_pb2.OnlineCPUMemRequest, ctx):
+        # ``wait`` is ignored, as upstream: the call is always synchronous.
+        await self.sandbox.online_cpu_mem(req.nb_cpus, req.cpu_only)
+        return EMPTY
 
 
 def _string_user(su: agent_pb2.StringUser) -> dict:

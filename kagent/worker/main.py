@@ -9,12 +9,15 @@ kill the process without a pid-reuse race, even if this worker dies.
 
 Requests (kagent.ipc records, answered with {"reply": id, ...} or
 {"reply": id, "error": {...}}):
-  create {spec, bundle, pipe_size}        -> {pid, terminal} + fds [pidfd, stdin, stdout(, stderr)]
+  create {spec, bundle, pipe_size, cgroup_parent}
+                                          -> {pid, terminal, cgroup_path, warnings}
+                                             + fds [pidfd, stdin, stdout(, stderr)]
   start                                   -> {}
   exec   {exec_id, process, pipe_size}    -> {pid, terminal} + fds as for create
   signal {exec_id, signal}                -> {}            (a process that is gone is not an error)
-  kill_all {signal}                       -> {}
-  destroy {timeout}                       -> {} once every process is gone; then the worker exits
+  kill_all {signal}                       -> {}            (the cgroup frozen, every pid signalled, thawed)
+  destroy {timeout}                       -> {} once every process is gone and the cgroup
+                                             removed; then the worker exits
 Events: {"event": "exit", "exec_id", "pid", "status"} (status: code, or 128+signal)
 """
 
@@ -52,6 +55,7 @@ class Worker:
         self.bundle = ""
         self.procs: dict[int, str] = {}  # live pid -> exec_id
         self.exited: dict[str, int] = {}  # exec_id -> status, for processes already reported
+        self.cgroup = None  # kagent.cgroups.Manager of the container, once created
         self.destroying = False
 
     # -- the loop -----------------------------------------------------------
@@ -121,16 +125,52 @@ class Worker:
             raise RequestError("exists", f"container {self.cid} was already created")
         spec = msg["spec"]
         self.bundle = msg["bundle"]
+        warnings = self._create_cgroup(spec, msg.get("cgroup_parent"))
         terminal = bool(spec.get("process", {}).get("terminal"))
-        parent, child = make_stdio(terminal, int(msg.get("pipe_size") or 0))
         try:
-            handle = start_init(spec, self.bundle, child, container_id=self.cid)
+            parent, child = make_stdio(terminal, int(msg.get("pipe_size") or 0))
+            try:
+                handle = start_init(spec, self.bundle, child, container_id=self.cid,
+                                    on_forked=self.cgroup.apply if self.cgroup else None)
+            except BaseException:
+                parent.close()
+                raise
         except BaseException:
-            parent.close()
+            with contextlib.suppress(RequestError):  # the set-up error is the one to report
+                self._remove_cgroup(5.0)
             raise
         self.init, self.init_pid, self.spec = handle, handle.pid, spec
         self.procs[handle.pid] = self.cid
-        return self._process_reply(handle.pid, parent)
+        extra, fds = self._process_reply(handle.pid, parent)
+        extra["cgroup_path"] = self.cgroup.path if self.cgroup else ""
+        extra["warnings"] = warnings + list(handle.warnings)
+        return extra, fds
+
+    def _create_cgroup(self, spec: dict, parent: str | None) -> list[str]:
+        """The container's cgroup, made before its init so the init is placed before it runs."""
+        if not parent:
+            return []
+        from kagent.cgroups import new_manager
+
+        linux = spec.get("linux") or {}
+        self.cgroup = new_manager(parent)
+        try:
+            return self.cgroup.create(linux.get("cgroupsPath") or "", linux.get("resources"),
+                                      container_id=self.cid)
+        except BaseException:
+            with contextlib.suppress(RequestError):
+                self._remove_cgroup(1.0)
+            raise
+
+    def _remove_cgroup(self, timeout: float) -> None:
+        """Remove the container's cgroup once it is empty (bounded by ``timeout``)."""
+        cgroup, self.cgroup = self.cgroup, None
+        if cgroup is None or not cgroup.path:
+            return
+        try:
+            cgroup.destroy(timeout)
+        except Exception as exc:
+            raise RequestError("timeout", f"container {self.cid}: {exc}") from exc
 
     def op_start(self, msg: dict) -> tuple[dict, list[int]]:
         if self.init is None:
@@ -152,7 +192,8 @@ class Worker:
         process = msg["process"]
         parent, child = make_stdio(bool(process.get("terminal")), int(msg.get("pipe_size") or 0))
         try:
-            pid = exec_process(self.init_pid, self.spec or {}, process, child)
+            pid = exec_process(self.init_pid, self.spec or {}, process, child,
+                               on_forked=self.cgroup.apply if self.cgroup else None)
         except BaseException:
             parent.close()
             raise
@@ -174,6 +215,8 @@ class Worker:
 
     def op_kill_all(self, msg: dict) -> tuple[dict, list[int]]:
         sig = int(msg["signal"])
+        if self.cgroup is not None:
+            self.cgroup.kill_all(sig)  # frozen first, so nothing forks out of reach meanwhile
         for pid in list(self.procs):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -186,9 +229,13 @@ class Worker:
             self.init.abort()  # never started: kill and reap it now
             self.procs.pop(self.init.pid, None)
             self._report(self.init.pid, self.cid, 128 + signal.SIGKILL)
+        if self.cgroup is not None:
+            with contextlib.suppress(Exception):
+                self.cgroup.kill_all(signal.SIGKILL)  # also what escaped the worker's view
         if not self.kill_everything(timeout):
             left = ", ".join(str(p) for p in self.procs)
             raise RequestError("timeout", f"container {self.cid}: processes {left} still running after {timeout:g}s")
+        self._remove_cgroup(timeout)
         return {}, []
 
     # -- processes ----------------------------------------------------------

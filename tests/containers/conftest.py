@@ -31,8 +31,15 @@ def agent():
     try:
         yield a
     finally:
+        a.proc.terminate()
+        try:
+            a.proc.wait(15)
+        except Exception:
+            pass
+        leftover = a.cgroup_dirs()  # the agent removes its empty cgroups when it stops
         rc = a.stop()
         log = a.log()
         shutil.rmtree(workdir, ignore_errors=True)
         assert rc == 0, f"kagent exited with {rc}:\n{log[-4000:]}"
+        assert leftover == [], f"cgroups left behind: {leftover}"
         assert '"level":"error"' not in log or "worker died" in log, log[-4000:]

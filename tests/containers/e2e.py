@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 
 from kagent import oci, protocols
 from kagent.ttrpc.client import Client
@@ -17,11 +18,13 @@ class Agent:
 
     def __init__(self, workdir: str, cmdline: str = "quiet") -> None:
         self.workdir = workdir
+        # Containers' cgroups go under a parent of the test's own, removed at the end.
+        self.cgroup_parent = f"kagent-test-{uuid.uuid4().hex[:12]}"
         self.sock = os.path.join(workdir, "agent.sock")
         self.addr = "unix://" + self.sock
         self.run_dir = os.path.join(workdir, "run")
         with open(os.path.join(workdir, "cmdline"), "w") as f:
-            f.write(cmdline + "\n")
+            f.write(f"{cmdline} agent.cgroup_parent={self.cgroup_parent}\n")
         self.log_path = os.path.join(workdir, "agent.log")
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
@@ -34,6 +37,19 @@ class Agent:
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
+    def cgroup_dirs(self) -> list[str]:
+        """This agent's top-level cgroup in every mounted hierarchy that has it."""
+        found = []
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                fstype = fields[fields.index("-") + 1]
+                if fstype in ("cgroup", "cgroup2"):
+                    d = os.path.join(fields[4], self.cgroup_parent)
+                    if os.path.isdir(d):
+                        found.append(d)
+        return found
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -42,6 +58,12 @@ class Agent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for top in self.cgroup_dirs():  # a failed test may leave some: ours to remove
+            for dirpath, _dirs, _files in os.walk(top, topdown=False):
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass
         return self.proc.returncode
 
 
