@@ -73,6 +73,7 @@ class Agent:
             # uvloop keeps SIGCHLD for itself; the zygote's death shows as EOF on its socket.
             self.zygote_channel.closed.add_done_callback(lambda _: self._on_zygote_gone())
         self.sandbox = Sandbox(self)
+        self._check_pipe_size()
         self._start_uevents()  # before serving: no hot-plug event may be missed
         routes = build_routes(self.services())
         self.server = Server(routes)
@@ -87,6 +88,29 @@ class Agent:
         await self._stop.wait()
         await self._shutdown()
         return self.exit_code
+
+    def _check_pipe_size(self) -> None:
+        """agent.container_pipe_size above the kernel's pipe-max-size: a guest owns its kernel,
+        so as its init the agent raises the limit; elsewhere it must not touch a host-wide
+        setting, and CreateContainer will fail with a clear error instead."""
+        from kagent.runtime.stdio import pipe_max_size, raise_pipe_max_size
+
+        size = self.config.container_pipe_size
+        try:
+            limit = pipe_max_size()
+        except (OSError, ValueError):
+            return
+        if size <= limit:
+            return
+        if os.getpid() == 1:
+            try:
+                raise_pipe_max_size(size)
+                _log.info("raised /proc/sys/fs/pipe-max-size for agent.container_pipe_size", old=limit, new=size)
+            except OSError as exc:
+                _log.error("cannot raise pipe-max-size", wanted=size, limit=limit, error=str(exc))
+        else:
+            _log.warning("agent.container_pipe_size exceeds /proc/sys/fs/pipe-max-size and the agent is not "
+                         "the guest's init: containers will fail to create", size=size, limit=limit)
 
     def _start_uevents(self) -> None:
         self.uevents = UeventListener(self.devices)
