@@ -1,7 +1,8 @@
 """Developer tools: a busybox rootfs and a default OCI spec, for the demo and the tests.
 
-``default_spec`` is runc's default (``runc spec``): the namespaces, mounts,
-masked and read-only paths and capabilities a container normally gets.
+``default_spec`` is what a container normally gets from containerd: runc's
+default namespaces, mounts, masked and read-only paths, with the capability set
+container engines grant by default (``DEFAULT_CAPS``).
 """
 
 from __future__ import annotations

@@ -18,109 +18,24 @@ from collections.abc import Callable
 
 import psutil
 
+from kagent import devtools
 from kagent.runtime import syscalls
 from kagent.runtime.container import start_init
 from kagent.runtime.stdio import ParentStdio, make_stdio
 
-DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]  # `runc spec`'s own
 
 
 def make_spec(rootfs: str, args: list[str], **process: object) -> dict:
-    """runc's default spec (`runc spec`), with our rootfs, args and a /tmp tmpfs."""
-    caps = list(DEFAULT_CAPS)
-    proc = {
-        "terminal": False,
-        "user": {"uid": 0, "gid": 0},
-        "args": args,
-        "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
-        "cwd": "/",
-        "capabilities": {s: list(caps) for s in ("bounding", "effective", "permitted")},
-        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-        "noNewPrivileges": True,
-    }
-    proc.update(process)
-    return {
-        "ociVersion": "1.0.2",
-        "process": proc,
-        "root": {"path": rootfs, "readonly": False},
-        "hostname": "ctr",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {
-                "destination": "/dev",
-                "type": "tmpfs",
-                "source": "tmpfs",
-                "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
-            },
-            {
-                "destination": "/dev/pts",
-                "type": "devpts",
-                "source": "devpts",
-                "options": [
-                    "nosuid",
-                    "noexec",
-                    "newinstance",
-                    "ptmxmode=0666",
-                    "mode=0620",
-                    "gid=5",
-                ],
-            },
-            {
-                "destination": "/dev/shm",
-                "type": "tmpfs",
-                "source": "shm",
-                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
-            },
-            {
-                "destination": "/dev/mqueue",
-                "type": "mqueue",
-                "source": "mqueue",
-                "options": ["nosuid", "noexec", "nodev"],
-            },
-            {
-                "destination": "/sys",
-                "type": "sysfs",
-                "source": "sysfs",
-                "options": ["nosuid", "noexec", "nodev", "ro"],
-            },
-            {
-                "destination": "/sys/fs/cgroup",
-                "type": "cgroup",
-                "source": "cgroup",
-                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
-            },
-            {
-                "destination": "/tmp",
-                "type": "tmpfs",
-                "source": "tmpfs",
-                "options": ["nosuid", "nodev"],
-            },
-        ],
-        "linux": {
-            "namespaces": [
-                {"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")
-            ],
-            "maskedPaths": [
-                "/proc/acpi",
-                "/proc/asound",
-                "/proc/kcore",
-                "/proc/keys",
-                "/proc/latency_stats",
-                "/proc/timer_list",
-                "/proc/timer_stats",
-                "/proc/sched_debug",
-                "/sys/firmware",
-                "/proc/scsi",
-            ],
-            "readonlyPaths": [
-                "/proc/bus",
-                "/proc/fs",
-                "/proc/irq",
-                "/proc/sys",
-                "/proc/sysrq-trigger",
-            ],
-        },
-    }
+    """runc's default spec (`runc spec`): kagent.devtools' default with runc's three
+    capabilities, a cgroup namespace and /sys/fs/cgroup; ``process`` overrides fields."""
+    spec = devtools.default_spec(rootfs, args)
+    spec["process"]["capabilities"] = {s: list(DEFAULT_CAPS) for s in ("bounding", "effective", "permitted")}
+    spec["process"].update(process)
+    spec["mounts"].insert(-1, {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                               "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]})
+    spec["linux"]["namespaces"].append({"type": "cgroup"})
+    return spec
 
 
 class WorkerFailed(Exception):
