@@ -295,3 +295,21 @@ async def test_pipe_size_above_the_limit_is_a_clear_error(rootfs, tmp_sock_dir):
         assert "pipe-max-size" in err.value.message and str(limit * 2) in err.value.message
     finally:
         assert agent.stop() == 0
+
+
+async def test_orphans_are_reaped_not_left_as_zombies(agent, rootfs):
+    """Without a pid namespace of its own, a container's orphans are re-parented to its
+    worker (a child subreaper), which must reap them."""
+    calls = await connect(agent)
+    await calls.create("c1", without_pid_ns(spec_for(rootfs, "sleep 1000")))
+    await calls.StartContainer(container_id="c1")
+    await calls.ExecProcess(container_id="c1", exec_id="e1", process=oci.process_from_dict(
+        {"args": ["/bin/sh", "-c", "sleep 0.3 & echo $!"], "cwd": "/"}))
+    orphan = int((await calls.read_all("c1", "e1")).strip())
+    assert (await calls.WaitProcess(container_id="c1", exec_id="e1")).status == 0
+    for _ in range(200):  # sleep 0.3 s, then the worker has to reap it (a zombie stays in /proc)
+        if not os.path.exists(f"/proc/{orphan}"):
+            break
+        await asyncio.sleep(0.01)
+    assert not os.path.exists(f"/proc/{orphan}"), "orphan not reaped (a zombie)"
+    await calls.RemoveContainer(container_id="c1")
