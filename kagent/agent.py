@@ -20,7 +20,9 @@ from kagent.devices import handlers
 from kagent.devices.listener import UeventListener
 from kagent.devices.registry import DeviceRegistry
 from kagent.metrics import AgentMetrics
-from kagent.sandbox import Sandbox
+from kagent.podsetup import PodSetup
+from kagent.sandbox import DEFAULT_RUN_DIR, Sandbox
+from kagent.storage import StorageManager, handler_names
 from kagent.service import build_routes, implemented
 from kagent.service.health import HealthService
 from kagent.ttrpc.server import Server
@@ -37,7 +39,13 @@ class Agent:
         self.server: Server | None = None
         self.sandbox: Sandbox | None = None
         self.oom_events = OomEvents()  # container ids of OOM kills, for GetOOMEvent
+        self.run_dir = os.environ.get("KAGENT_RUN_DIR") or DEFAULT_RUN_DIR  # tests use their own
         self.devices = DeviceRegistry(hotplug_timeout=config.hotplug_timeout)
+        self.storages = StorageManager(self.devices, run_dir=self.run_dir,
+                                       watch_root=os.path.join(self.run_dir, "shared", "containers", "watchable"),
+                                       hotplug_timeout=config.hotplug_timeout)
+        self.storage_handlers = handler_names()  # reported by GetGuestDetails
+        self.pod = PodSetup(run_dir=self.run_dir)
         self.uevents: UeventListener | None = None
         self.metrics = AgentMetrics()
         self._stop = asyncio.Event()
@@ -47,8 +55,9 @@ class Agent:
         from kagent.service.containers import ContainerService
         from kagent.service.guest import GuestService
         from kagent.service.network import NetworkService
+        from kagent.service.sandbox import SandboxService
 
-        return [HealthService(), ContainerService(self), GuestService(self),
+        return [HealthService(), SandboxService(self), ContainerService(self), GuestService(self),
                 NetworkService(self, wait_for_device=self.wait_for_net_device)]
 
     # -- device waits the services use ---------------------------------------
@@ -72,7 +81,7 @@ class Agent:
             self.zygote_channel = ipc.Channel(self.zygote.sock, self._on_zygote_event, name="zygote")
             # uvloop keeps SIGCHLD for itself; the zygote's death shows as EOF on its socket.
             self.zygote_channel.closed.add_done_callback(lambda _: self._on_zygote_gone())
-        self.sandbox = Sandbox(self)
+        self.sandbox = Sandbox(self, self.run_dir)
         self._check_pipe_size()
         self._start_uevents()  # before serving: no hot-plug event may be missed
         routes = build_routes(self.services())
@@ -128,6 +137,9 @@ class Agent:
             await self.server.close()
         if self.sandbox is not None:
             await self.sandbox.destroy()
+        for problem in await self.storages.destroy_all():
+            _log.warning("storage not released", problem=problem)
+        await self.pod.destroy()
         self.oom_events.close()
         if self.zygote_channel is not None:
             self.zygote_channel.close()  # EOF: the zygote exits by itself

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 from typing import TYPE_CHECKING, Any
 
@@ -40,11 +39,12 @@ def check_id(kind: str, value: str, pattern: re.Pattern = ID_RE) -> str:
 
 
 class Sandbox:
-    def __init__(self, agent: Agent, run_dir: str | None = None) -> None:
+    def __init__(self, agent: Agent, run_dir: str = DEFAULT_RUN_DIR) -> None:
         self.agent = agent
-        self.run_dir = run_dir or os.environ.get("KAGENT_RUN_DIR") or DEFAULT_RUN_DIR
+        self.run_dir = run_dir
         self.containers: dict[str, Container] = {}
         self._creating: set[str] = set()
+        self.first_cid = ""  # its pid namespace is the sandbox's when sandbox_pidns asks for it
 
     # -- helpers ------------------------------------------------------------
 
@@ -85,11 +85,21 @@ class Sandbox:
     def _remove_bundle(self, cid: str) -> None:
         bundle = os.path.join(self.run_dir, cid)
         if os.path.dirname(os.path.normpath(bundle)) == os.path.normpath(self.run_dir):
-            shutil.rmtree(bundle, ignore_errors=True)
+            remove_tree_within_filesystem(bundle)
+
+    def _sandbox_pidns(self, cid: str) -> str:
+        """The pid namespace to join: the first container's (the pod's pause container)."""
+        first = self.containers.get(self.first_cid)
+        init = first.processes.get(first.cid) if first is not None else None
+        if init is None or init.exited.done():
+            raise FailedPrecondition(f"container {cid} asks for the sandbox's pid namespace, but the "
+                                     "sandbox's first container is not running")
+        return f"/proc/{init.pid}/ns/pid"
 
     # -- life cycle ----------------------------------------------------------
 
-    async def create_container(self, cid: str, spec: dict[str, Any], *, pipe_size: int) -> Container:
+    async def create_container(self, cid: str, spec: dict[str, Any], *, pipe_size: int, storages=(),
+                               sandbox_pidns: bool = False) -> Container:
         check_id("container id", cid)
         if cid in self.containers or cid in self._creating:
             raise AlreadyExists(f"container {cid} already exists")
@@ -99,7 +109,17 @@ class Sandbox:
             raise InvalidArgument(f"container {cid}: the OCI spec has no root.path")
         self._creating.add(cid)
         channel = None
+        stored = False
         try:
+            pod = self.agent.pod
+            pidns = None
+            if (sandbox_pidns or pod.sandbox_pidns) and self.first_cid and cid != self.first_cid:
+                pidns = self._sandbox_pidns(cid)
+            if pod.created or pidns:  # join the pod's IPC/UTS (and pid) namespaces, add guest hooks
+                spec = pod.container_spec(spec, pidns_path=pidns)
+            if storages:
+                stored = True
+                await self.agent.storages.add(storages, cid)
             bundle = self._write_bundle(cid, spec)
             channel, worker_pid = await self._spawn_worker(cid)
             container = Container(cid, bundle, spec, channel, worker_pid)
@@ -112,11 +132,14 @@ class Sandbox:
                 _log.warning("container set-up", container_id=cid, warning=warning)
             container.state = "created"
             self.containers[cid] = container
+            self.first_cid = self.first_cid or cid
             _log.info("container created", container_id=cid, init_pid=reply["pid"], worker_pid=worker_pid)
             return container
         except BaseException:
             if channel is not None:
                 channel.close()  # EOF: the worker kills what it made and exits
+            if stored:  # before the bundle: a storage may be mounted inside it
+                await self.agent.storages.remove(cid)
             self._remove_bundle(cid)
             raise
         finally:
@@ -186,6 +209,7 @@ class Sandbox:
             container.channel.close()
             container.close_all()
             self.containers.pop(cid, None)
+            await self.agent.storages.remove(cid)  # before the bundle: storages may be mounted in it
             self._remove_bundle(cid)
             _log.info("container removed", container_id=cid)
 
@@ -242,7 +266,8 @@ class Sandbox:
                 await asyncio.to_thread(container.cgroup.update_cpuset, guest, cpus)
 
     async def destroy(self) -> None:
-        for cid in list(self.containers):
+        # The first container (the pod's pause container) last: others may share its pid ns.
+        for cid in sorted(self.containers, key=lambda c: c == self.first_cid):
             with contextlib.suppress(Exception):
                 await self.remove_container(cid, 10)
         await asyncio.to_thread(remove_empty_cgroups, self.agent.config.cgroup_parent)
@@ -282,3 +307,27 @@ def remove_empty_cgroups(parent: str) -> None:
         for dirpath, _dirs, _files in os.walk(top, topdown=False):
             with contextlib.suppress(OSError):
                 os.rmdir(dirpath)
+
+
+def remove_tree_within_filesystem(top: str) -> None:
+    """rm -rf that never enters a mount point (a volume mounted inside a bundle must not
+    lose its files) nor follows a symlink; what is mounted stays, and so do its parents."""
+    if os.path.ismount(top) or os.path.islink(top) or not os.path.isdir(top):
+        return
+    dirs = [top]
+    for dirpath, dirnames, filenames in os.walk(top, topdown=True):
+        keep = []
+        for d in dirnames:
+            path = os.path.join(dirpath, d)
+            if os.path.islink(path):
+                filenames.append(d)  # unlink the link itself
+            elif not os.path.ismount(path):
+                keep.append(d)
+                dirs.append(path)
+        dirnames[:] = keep
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(dirpath, name))
+    for path in reversed(dirs):  # children before parents
+        with contextlib.suppress(OSError):
+            os.rmdir(path)

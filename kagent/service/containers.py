@@ -12,6 +12,7 @@ from google.protobuf import empty_pb2
 from google.protobuf.json_format import MessageToDict
 
 from kagent import cgroups, oci
+from kagent.devices import handlers
 from kagent.errors import FailedPrecondition, InvalidArgument, Unavailable, Unimplemented
 from kagent.protocols import agent_pb2
 
@@ -37,9 +38,6 @@ class ContainerService:
     # -- life cycle ------------------------------------------------------------
 
     async def CreateContainer(self, req: agent_pb2.CreateContainerRequest, ctx):
-        if req.storages or req.devices:
-            kinds = sorted({s.driver for s in req.storages} | {d.type for d in req.devices})
-            raise Unimplemented(f"storages and devices ({', '.join(kinds)}) are not supported by kagent yet")
         if req.stdin_port or req.stdout_port or req.stderr_port:
             raise Unimplemented("direct stdio streams (passfd ports) are not supported by kagent yet")
         if not req.HasField("OCI"):
@@ -47,7 +45,11 @@ class ContainerService:
         spec = oci.spec_to_dict(req.OCI)
         if req.HasField("string_user"):
             spec.setdefault("process", {})["stringUser"] = _string_user(req.string_user)
-        await self.sandbox.create_container(req.container_id, spec, pipe_size=self._pipe_size())
+        if req.devices:
+            # Wait for each hot-plugged device; the spec gets the guest's major/minor.
+            await handlers.add_devices(self.agent.devices, req.devices, spec)
+        await self.sandbox.create_container(req.container_id, spec, pipe_size=self._pipe_size(),
+                                            storages=req.storages, sandbox_pidns=req.sandbox_pidns)
         return EMPTY
 
     async def StartContainer(self, req: agent_pb2.StartContainerRequest, ctx):

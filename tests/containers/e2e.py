@@ -27,8 +27,11 @@ class Agent:
             f.write(f"{cmdline} agent.cgroup_parent={self.cgroup_parent}\n")
         self.log_path = os.path.join(workdir, "agent.log")
         log = open(self.log_path, "wb")
+        # A private mount namespace: whatever the agent mounts (sandbox namespaces, DNS over
+        # /etc/resolv.conf, storages) stays out of the host's mount table and dies with it.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kagent", "--cmdline-file", os.path.join(workdir, "cmdline"),
+            ["unshare", "--mount", "--propagation", "private", "--",
+             sys.executable, "-m", "kagent", "--cmdline-file", os.path.join(workdir, "cmdline"),
              "--server-addr", self.addr, "--log-level", "debug"],
             stdout=log, stderr=log, cwd=REPO, env={**os.environ, "KAGENT_RUN_DIR": self.run_dir})
         log.close()

@@ -313,3 +313,31 @@ async def test_orphans_are_reaped_not_left_as_zombies(agent, rootfs):
         await asyncio.sleep(0.01)
     assert not os.path.exists(f"/proc/{orphan}"), "orphan not reaped (a zombie)"
     await calls.RemoveContainer(container_id="c1")
+
+
+async def test_devices_get_the_guests_major_minor(agent, rootfs, tmp_path):
+    """A block device the host names by its guest path (mmioblk): the container's device node
+    gets the real major/minor, whatever numbers the host put in the spec."""
+    import subprocess
+
+    backing = tmp_path / "disk.img"
+    backing.write_bytes(b"\0" * (1 << 20))
+    loop = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if loop.returncode != 0:
+        pytest.skip(f"no loop device: {loop.stderr.strip()}")
+    node = loop.stdout.strip()
+    try:
+        st = os.stat(node)
+        calls = await connect(agent)
+        spec = spec_for(rootfs, "ls -l /dev/xda")
+        spec["linux"]["devices"] = [{"path": "/dev/xda", "type": "b", "major": 250, "minor": 9, "fileMode": 0o660}]
+        await calls.CreateContainer(container_id="c1", exec_id="c1", OCI=oci.spec_from_dict(spec), devices=[
+            {"type": "mmioblk", "vm_path": node, "container_path": "/dev/xda"}])
+        await calls.StartContainer(container_id="c1")
+        out = await calls.read_all("c1", "c1")
+        assert f"{os.major(st.st_rdev)}, {os.minor(st.st_rdev):>3}".encode() in out or \
+            f"{os.major(st.st_rdev)},{os.minor(st.st_rdev)}".encode() in out.replace(b" ", b""), out
+        assert (await calls.WaitProcess(container_id="c1", exec_id="c1")).status == 0
+        await calls.RemoveContainer(container_id="c1")
+    finally:
+        subprocess.run(["losetup", "-d", node], check=False)
