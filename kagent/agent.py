@@ -21,6 +21,7 @@ from kagent.devices.listener import UeventListener
 from kagent.devices.registry import DeviceRegistry
 from kagent.metrics import AgentMetrics
 from kagent.podsetup import PodSetup
+from kagent.policy import AgentPolicy
 from kagent.sandbox import DEFAULT_RUN_DIR, Sandbox
 from kagent.storage import StorageManager, handler_names
 from kagent.service import build_routes, implemented
@@ -46,6 +47,7 @@ class Agent:
                                        hotplug_timeout=config.hotplug_timeout)
         self.storage_handlers = handler_names()  # reported by GetGuestDetails
         self.pod = PodSetup(run_dir=self.run_dir)
+        self.policy = AgentPolicy.load(config.policy_file)  # none configured: everything allowed
         self.uevents: UeventListener | None = None
         self.metrics = AgentMetrics()
         self._stop = asyncio.Event()
@@ -55,9 +57,11 @@ class Agent:
         from kagent.service.containers import ContainerService
         from kagent.service.guest import GuestService
         from kagent.service.network import NetworkService
+        from kagent.service.policy import PolicyService
         from kagent.service.sandbox import SandboxService
 
         return [HealthService(), SandboxService(self), ContainerService(self), GuestService(self),
+                PolicyService(self),
                 NetworkService(self, wait_for_device=self.wait_for_net_device)]
 
     # -- device waits the services use ---------------------------------------
@@ -85,7 +89,8 @@ class Agent:
         self._check_pipe_size()
         self._start_uevents()  # before serving: no hot-plug event may be missed
         routes = build_routes(self.services())
-        self.server = Server(routes)
+        # The policy innermost: what it refuses is still traced and counted by the others.
+        self.server = Server(routes, interceptors=[self.policy.interceptor])
         try:
             await self.server.start(self.config.server_addr)
         except (OSError, ValueError) as exc:

@@ -348,7 +348,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("passfd_listener_port", _p_port, cmdline=("agent.passfd_listener_port",),
            toml="passfd_listener_port"),
     Option("config_file", _p_path, cmdline=("agent.config_file",)),
-    Option("policy_file", _p_path, toml="policy_file", env="KATA_AGENT_POLICY_FILE"),
+    Option("policy_file", _p_path, cmdline=("agent.policy_file",), toml="policy_file",
+           env="KATA_AGENT_POLICY_FILE"),
     Option("cgroup_parent", _p_cgroup_parent, cmdline=("agent.cgroup_parent",),
            toml="cgroup_parent"),
 )

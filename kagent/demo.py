@@ -103,8 +103,8 @@ def main() -> int:
         failures += _ctl(addr, "--repeat", "1000", "--compact", "Check", "{}", quiet=True).returncode != 0
         failures += _ctl(addr, "GetGuestDetails", '{"mem_block_size": true, "mem_hotplug_probe": true}'
                          ).returncode != 0
-        print("\n(an RPC that a later issue implements answers UNIMPLEMENTED, naming itself:)")
-        _ctl(addr, "SetPolicy", '{"policy": "package agent_policy"}')
+        print("\n(what kagent does not support answers UNIMPLEMENTED with the reason:)")
+        _ctl(addr, "MemAgentMemcgSet", "{}")
         failures += _container_demo(addr, workdir)
     finally:
         agent.send_signal(signal.SIGTERM)

@@ -32,6 +32,7 @@ from kagent.errors import (
     Unimplemented,
 )
 from kagent.log import get_logger
+from kagent.policy import FEATURE as POLICY_FEATURE
 from kagent.runtime import mountinfo, mounts, syscalls
 
 log = get_logger("guest")
@@ -119,7 +120,7 @@ def guest_details(want_block_size: bool, want_probe: bool, *, storage_handlers: 
         storage_handlers=[str(h) for h in storage_handlers],
         supports_seccomp=seccomp,
         # upstream lists its optional build features here, sorted
-        extra_features=["seccomp"] if seccomp else [],
+        extra_features=sorted([POLICY_FEATURE, *(["seccomp"] if seccomp else [])]),
     )
 
 

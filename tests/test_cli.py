@@ -22,9 +22,9 @@ def test_check_version_and_unimplemented(agent_process):
     assert json.loads(r.stdout) == {"status": "SERVING"}
     r = ctl(agent.addr, "Version", "{}")
     assert json.loads(r.stdout)["grpc_version"] == "0.0.1"
-    r = ctl(agent.addr, "SetPolicy", '{"policy": "package agent_policy"}')
+    r = ctl(agent.addr, "MemAgentMemcgSet", '{}')
     assert r.returncode == 1
-    assert "UNIMPLEMENTED" in r.stderr and "SetPolicy" in r.stderr
+    assert "UNIMPLEMENTED" in r.stderr and "mem-agent" in r.stderr
 
 
 def test_request_from_file_repeat_and_compact(agent_process, tmp_sock_dir):

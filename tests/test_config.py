@@ -155,6 +155,7 @@ VALID = [
     ("agent.container_pipe_size=0", "container_pipe_size", 0),
     ("agent.container_pipe_size=2147483647", "container_pipe_size", 2147483647),
     ("agent.config_file=/etc/kagent.toml", "config_file", "/etc/kagent.toml"),
+    ("agent.policy_file=/etc/kata-opa/p.rego", "policy_file", "/etc/kata-opa/p.rego"),
     ("agent.cgroup_parent=kata", "cgroup_parent", "kata"),
     ("agent.cgroup_parent=/a/b/", "cgroup_parent", "a/b"),
 ]

@@ -68,7 +68,7 @@ async def test_guest_details(tmp_sock_dir, fake_root):
     d = resp.agent_details
     assert d.version == kagent.__version__ and not d.init_daemon and list(d.device_handlers) == []
     assert list(d.storage_handlers) == ["virtio-fs", "ephemeral", "local"]
-    assert d.supports_seccomp and list(d.extra_features) == ["seccomp"]
+    assert d.supports_seccomp and list(d.extra_features) == ["agent-policy", "seccomp"]
 
 
 async def test_copy_file_chunks_and_refusals(tmp_sock_dir, shared, tmp_path):

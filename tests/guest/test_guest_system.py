@@ -31,7 +31,7 @@ def test_details_from_a_fake_sysfs(fake_root):
     assert d.version == kagent.__version__
     assert d.init_daemon is False  # the test runner is not PID 1
     assert d.storage_handlers == ["virtio-fs", "ephemeral"]
-    assert d.supports_seccomp is True and d.extra_features == ["seccomp"]
+    assert d.supports_seccomp is True and d.extra_features == ["agent-policy", "seccomp"]
 
 
 def test_details_not_asked_are_zero(fake_root):
@@ -42,7 +42,7 @@ def test_details_not_asked_are_zero(fake_root):
 def test_details_without_memory_hotplug_or_seccomp(tmp_path):
     d = guest.guest_details(True, True, root=str(tmp_path))
     assert (d.mem_block_size_bytes, d.support_mem_hotplug_probe) == (0, False)
-    assert d.supports_seccomp is False and d.extra_features == []
+    assert d.supports_seccomp is False and d.extra_features == ["agent-policy"]
 
 
 def test_seccomp_seen_through_actions_avail(tmp_path):

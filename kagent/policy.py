@@ -1,0 +1,637 @@
+"""Agent policy: every request checked against a Rego policy (upstream's ``agent-policy``).
+
+In confidential deployments the host is not trusted, so the agent itself decides which
+requests it honours.  Before each grpc.AgentService call the request, as JSON, is the input
+to ``data.agent_policy.<RequestMessageName>``; the result is a boolean, or an object
+``{"allowed": bool, "ops": [JSON patch]}`` whose ops update the policy's data (upstream
+keeps its state under ``data.pstate``) for later decisions.
+
+The engine is rego-cpp (``regopy``).  A policy is compiled once per load into a bundle
+with one entry point per request name; only a change of its data (``ops``) compiles again,
+because a rego-cpp bundle carries its data.  Decisions are serialized: a stateful policy
+sees the requests one at a time, in the order they arrived.
+
+The input has upstream's shape, the serde JSON of its rust-protobuf messages: every field
+present under its proto name (``OCI``, ``Process``, ``container_id``), defaults included,
+an unset message is ``null``, 64-bit integers are numbers, enums their numbers, bytes arrays
+of numbers, Rust keywords get a trailing ``_`` (``type_``), a oneof is ``{"Variant": value}``.
+CopyFileRequest gets upstream's reduced input (no data; a symlink's target as a string).
+
+rego-cpp writes ``print()`` output (and compile errors) to C++ ``std::cout``, i.e. fd 1:
+while the engine runs, fd 1 points at a memfd and what lands there becomes the prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import ctypes
+import json
+import logging
+import os
+import stat
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from kagent import protocols
+from kagent.errors import AgentError, InvalidArgument, PermissionDenied
+from kagent.log import get_logger
+from kagent.protocols import agent_pb2
+
+log = get_logger("policy")
+
+DEFAULT_POLICY_FILE = "/etc/kata-opa/default-policy.rego"
+PACKAGE = "agent_policy"
+FEATURE = "agent-policy"  # AgentDetails.extra_features
+MAX_POLICY_BYTES = 16 << 20  # upstream's limit for a policy document
+ALLOW_FAILURES_RULE = "AllowRequestsFailingPolicy"
+INITIAL_DATA: dict[str, Any] = {"pstate": {}}  # upstream's policy state lives under data.pstate
+OFFLOAD_BYTES = 1024  # requests larger than this (serialized) are decided off the event loop
+
+AGENT_SERVICE = "grpc.AgentService"
+RULES: tuple[str, ...] = tuple(sorted(
+    {m.request.DESCRIPTOR.name for m in protocols.methods().values() if m.service == AGENT_SERVICE}
+    | {ALLOW_FAILURES_RULE}))
+
+
+class PolicyLoadError(Exception):
+    """The policy text cannot be read or compiled."""
+
+
+# --- the request as upstream's serde JSON --------------------------------------------------------
+
+_RUST_KEYWORDS = frozenset(
+    "as async await break const continue crate dyn else enum extern false fn for if impl in let "
+    "loop match mod move mut pub ref return self static struct super trait true type unsafe use "
+    "where while abstract become box do final macro override priv typeof unsized virtual yield "
+    "try".split())
+
+# how a field becomes JSON (see _plan)
+(_SCALAR, _SCALARS, _MESSAGE, _MESSAGES, _MAP, _MESSAGE_MAP, _BYTES, _BYTES_LIST,
+ _OPTIONAL, _ONEOF) = range(10)
+_plans: dict[str, list[tuple]] = {}
+
+
+def _plan(desc: Descriptor) -> list[tuple]:
+    """(attribute, JSON key, kind, detail) for each field of a message type, computed once."""
+    plan = _plans.get(desc.full_name)
+    if plan is not None:
+        return plan
+    plan = _plans[desc.full_name] = []  # registered first: message types may recurse
+    oneofs_done: set[str] = set()
+    for fd in desc.fields:
+        key = fd.name + "_" if fd.name in _RUST_KEYWORDS else fd.name
+        oneof = fd.containing_oneof
+        if oneof is not None and not (oneof.name == "_" + fd.name and len(oneof.fields) == 1):
+            # a real oneof is one Rust field holding an enum: {"Variant": value} or null
+            if oneof.name not in oneofs_done:
+                oneofs_done.add(oneof.name)
+                variants = {f.name: "".join(p[:1].upper() + p[1:] for p in f.name.split("_"))
+                            for f in oneof.fields}
+                plan.append((oneof.name, oneof.name, _ONEOF, variants))
+            continue
+        repeated = fd.label == FieldDescriptor.LABEL_REPEATED
+        if fd.type == FieldDescriptor.TYPE_MESSAGE:
+            if fd.message_type.GetOptions().map_entry:
+                value = fd.message_type.fields_by_name["value"]
+                if value.type == FieldDescriptor.TYPE_MESSAGE:
+                    plan.append((fd.name, key, _MESSAGE_MAP, _plan(value.message_type)))
+                else:
+                    plan.append((fd.name, key, _MAP, None))
+            else:
+                plan.append((fd.name, key, _MESSAGES if repeated else _MESSAGE, _plan(fd.message_type)))
+        elif fd.type == FieldDescriptor.TYPE_BYTES:
+            plan.append((fd.name, key, _BYTES_LIST if repeated else _BYTES, None))
+        elif oneof is not None:  # proto3 optional: the value or null
+            plan.append((fd.name, key, _OPTIONAL, None))
+        else:
+            plan.append((fd.name, key, _SCALARS if repeated else _SCALAR, None))
+    return plan
+
+
+def _to_json(msg: Message, plan: list[tuple]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, key, kind, detail in plan:
+        if kind == _SCALAR:
+            out[key] = getattr(msg, name)
+        elif kind == _MESSAGE:
+            out[key] = _to_json(getattr(msg, name), detail) if msg.HasField(name) else None
+        elif kind == _SCALARS or kind == _BYTES:
+            out[key] = list(getattr(msg, name))
+        elif kind == _MESSAGES:
+            out[key] = [_to_json(m, detail) for m in getattr(msg, name)]
+        elif kind == _MAP:
+            out[key] = {str(k): v for k, v in getattr(msg, name).items()}
+        elif kind == _MESSAGE_MAP:
+            out[key] = {str(k): _to_json(v, detail) for k, v in getattr(msg, name).items()}
+        elif kind == _BYTES_LIST:
+            out[key] = [list(b) for b in getattr(msg, name)]
+        elif kind == _OPTIONAL:
+            out[key] = getattr(msg, name) if msg.HasField(name) else None
+        else:  # _ONEOF
+            which = msg.WhichOneof(name)
+            out[key] = None if which is None else {detail[which]: getattr(msg, which)}
+    return out
+
+
+_FILE_TYPES = {stat.S_IFREG: "Regular", stat.S_IFDIR: "Directory", stat.S_IFLNK: "Symlink"}
+
+
+def _copy_file_input(req: agent_pb2.CopyFileRequest) -> dict[str, Any]:
+    """Upstream's PolicyCopyFileRequest: the file data never reaches the policy."""
+    file_type = _FILE_TYPES.get(stat.S_IFMT(req.file_mode), "Unknown")
+    target = None
+    if file_type == "Symlink":
+        try:
+            target = req.data.decode()
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"CopyFile {req.path}: the symlink target is not valid UTF-8") from None
+    return {"path": req.path, "file_type": file_type, "symlink_target": target,
+            "file_size": req.file_size, "file_mode": req.file_mode, "dir_mode": req.dir_mode,
+            "uid": req.uid, "gid": req.gid, "offset": req.offset}
+
+
+def request_input(request: Message) -> dict[str, Any]:
+    """The policy input for a request, as upstream serializes it."""
+    if isinstance(request, agent_pb2.CopyFileRequest):
+        return _copy_file_input(request)
+    return _to_json(request, _plan(request.DESCRIPTOR))
+
+
+# --- JSON patch (RFC 6902) for the ops of stateful policies -----------------------------------
+
+
+class PatchError(ValueError):
+    pass
+
+
+def _pointer(path: object) -> list[str]:
+    if not isinstance(path, str) or (path and not path.startswith("/")):
+        raise PatchError(f"bad JSON pointer {path!r}")
+    return [t.replace("~1", "/").replace("~0", "~") for t in path.split("/")[1:]]
+
+
+def _index(container: list, token: str, *, append: bool = False) -> int:
+    if append and token == "-":
+        return len(container)
+    if not token.isdigit() or (len(token) > 1 and token[0] == "0"):
+        raise PatchError(f"bad array index {token!r}")
+    i = int(token)
+    if i > len(container) or (i == len(container) and not append):
+        raise PatchError(f"array index {i} out of range")
+    return i
+
+
+def _walk(doc: Any, tokens: list[str]) -> Any:
+    for token in tokens:
+        if isinstance(doc, dict) and token in doc:
+            doc = doc[token]
+        elif isinstance(doc, list):
+            doc = doc[_index(doc, token)]
+        else:
+            raise PatchError(f"path /{'/'.join(tokens)} does not exist")
+    return doc
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: true is not 1."""
+    if type(a) is bool or type(b) is bool:
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def apply_patch(doc: Any, ops: Any) -> Any:
+    """``doc`` with the JSON patch ``ops`` applied (the original is left unchanged)."""
+    if not isinstance(ops, list):
+        raise PatchError("ops is not a list")
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str):
+            raise PatchError(f"bad operation {op!r}")
+        kind, tokens = op["op"], _pointer(op.get("path"))
+        if kind in ("add", "replace", "test") and "value" not in op:
+            raise PatchError(f"{kind} without a value")
+        if kind == "test":
+            if not _same(_walk(doc, tokens), op["value"]):
+                raise PatchError(f"test failed at {op['path']}")
+            continue
+        if kind in ("move", "copy"):
+            source = _pointer(op.get("from"))
+            value = _walk(doc, source)
+            if kind == "move":
+                if tokens[:len(source)] == source and tokens != source:
+                    raise PatchError("cannot move a value into itself")
+                doc = _remove(doc, source)
+            else:
+                value = copy.deepcopy(value)
+            doc = _add(doc, tokens, value)
+        elif kind == "add":
+            doc = _add(doc, tokens, op["value"])
+        elif kind == "remove":
+            doc = _remove(doc, tokens)
+        elif kind == "replace":
+            doc = _add(_remove(doc, tokens), tokens, op["value"]) if tokens else op["value"]
+        else:
+            raise PatchError(f"unknown operation {kind!r}")
+    return doc
+
+
+def _add(doc: Any, tokens: list[str], value: Any) -> Any:
+    if not tokens:
+        return value
+    parent = _walk(doc, tokens[:-1])
+    if isinstance(parent, dict):
+        parent[tokens[-1]] = value
+    elif isinstance(parent, list):
+        parent.insert(_index(parent, tokens[-1], append=True), value)
+    else:
+        raise PatchError(f"cannot add below a {type(parent).__name__}")
+    return doc
+
+
+def _remove(doc: Any, tokens: list[str]) -> Any:
+    if not tokens:
+        raise PatchError("cannot remove the whole document")
+    parent = _walk(doc, tokens[:-1])
+    if isinstance(parent, dict) and tokens[-1] in parent:
+        del parent[tokens[-1]]
+    elif isinstance(parent, list):
+        del parent[_index(parent, tokens[-1])]
+    else:
+        raise PatchError(f"path /{'/'.join(tokens)} does not exist")
+    return doc
+
+
+# --- the Rego engine -------------------------------------------------------------------------
+
+class _Stdout:
+    """Catch what rego-cpp writes to fd 1 (std::cout) while it runs: prints and compile errors.
+
+    A process-wide redirection, so it is taken under the engine's lock, and only around the
+    engine's calls; anything else written to fd 1 in that window lands here too (the agent's
+    own logs go to stderr).
+    """
+
+    def __init__(self) -> None:
+        self._fd = os.memfd_create("kagent-policy-prints", os.MFD_CLOEXEC)
+        self._libc = ctypes.CDLL(None)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def captured(self):
+        with self._lock:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()  # our own pending output goes where it was meant to go
+            self._libc.fflush(None)
+            try:
+                saved = os.dup(1)
+            except OSError:
+                saved = -1  # fd 1 is closed: leave it closed afterwards
+            os.dup2(self._fd, 1)
+            out: list[str] = []
+            try:
+                yield out
+            finally:
+                self._libc.fflush(None)  # std::cout writes through C stdout's buffer
+                if saved >= 0:
+                    os.dup2(saved, 1)
+                    os.close(saved)
+                else:
+                    os.close(1)
+                size = os.lseek(self._fd, 0, os.SEEK_CUR)
+                if size:
+                    out.append(os.pread(self._fd, size, 0).decode(errors="replace"))
+                    os.ftruncate(self._fd, 0)
+                    os.lseek(self._fd, 0, os.SEEK_SET)
+
+
+_the_stdout: _Stdout | None = None
+
+
+def _stdout() -> _Stdout:
+    global _the_stdout
+    if _the_stdout is None:
+        _the_stdout = _Stdout()
+    return _the_stdout
+
+
+def _regopy():
+    import regopy
+    from regopy import rego_shared
+
+    return regopy, rego_shared
+
+
+class _InputError(ValueError):
+    pass
+
+
+class Engine:
+    """A compiled policy and its data; every call is serialized by a lock.
+
+    Not async: the caller decides whether a call runs on the event loop or in a thread.
+    """
+
+    def __init__(self, text: str, data: dict[str, Any] | None = None, *, name: str = PACKAGE) -> None:
+        self.text = text
+        self.name = name
+        self.data = copy.deepcopy(INITIAL_DATA if data is None else data)
+        self._lock = threading.Lock()
+        self._regopy, self._rs = _regopy()
+        self._stdout = _stdout()
+        self._query = self._regopy.Interpreter()
+        self._bundle = self._compile(self.data)
+        self.allow_failures = False
+        try:
+            value, _ = self.evaluate(ALLOW_FAILURES_RULE, {})
+            self.allow_failures = value is True
+        except AgentError:
+            pass  # an AllowRequestsFailingPolicy that fails means "no"
+
+    def _compile(self, data: dict[str, Any]):
+        rego = self._regopy.Interpreter()
+        with self._lock, self._stdout.captured() as errors:
+            try:
+                rego.add_module(self.name, self.text)
+                rego.add_data_json(json.dumps(data))
+                return rego.build(None, [f"{PACKAGE}/{rule}" for rule in RULES])
+            except self._rs.RegoError as exc:
+                failure: Exception = exc
+        # rego-cpp prints a readable report (minus its ~~~ and --- rules); the exception is an AST dump
+        lines = [line.strip() for line in "".join(errors).splitlines()]
+        detail = " ".join(line for line in lines if line and not set(line) <= set("-~^ "))
+        raise PolicyLoadError((detail or " ".join(str(failure).split()))[:2000])
+
+    def evaluate(self, rule: str, doc: dict[str, Any]) -> tuple[Any, str]:
+        """(value, prints) of ``data.agent_policy.<rule>`` for input ``doc``; value None = undefined.
+
+        Raises AgentError (INTERNAL) when the policy fails at evaluation.
+        """
+        rs = self._rs
+        lib = rs.rego
+        with self._lock, self._stdout.captured() as printed:
+            handle = lib.regoNewInput()
+            try:
+                _put(lib, handle, doc)
+                rs.rego_set_input(self._query._impl, handle)
+            except (rs.RegoError, _InputError) as exc:
+                raise AgentError(f"{rule}: internal error: policy input rejected: {exc}") from None
+            finally:
+                lib.regoFreeInput(handle)
+            out = lib.regoBundleQueryEntrypoint(self._query._impl, self._bundle._impl,
+                                                f"{PACKAGE}/{rule}".encode())
+            if not out:
+                raise AgentError(f"{rule}: internal error: policy query failed: "
+                                 f"{rs.rego_get_error(self._query._impl)}")
+            try:
+                ok = lib.regoOutputOk(out)
+                text = rs.rego_output_string(out) if ok else _errors(rs, lib.regoOutputNode(out))
+            finally:
+                lib.regoFreeOutput(out)
+        prints = " ".join(line.strip() for line in "".join(printed).splitlines() if line.strip())
+        if not ok:
+            raise AgentError(f"{rule}: internal error: policy evaluation failed: {text}")
+        if text == "undefined":
+            return None, prints
+        try:
+            results = json.loads(text)
+            if isinstance(results, list):
+                (results,) = results
+            (value,) = results["expressions"]
+        except (ValueError, KeyError, TypeError):
+            raise AgentError(f"{rule}: internal error: unexpected policy result {text[:200]}") from None
+        return value, prints
+
+    def apply(self, ops: Any) -> None:
+        """Patch the data with ``ops`` and compile again (rego-cpp bundles carry their data)."""
+        data = apply_patch(self.data, ops)
+        if not isinstance(data, dict):
+            raise PatchError("the data document must stay an object")
+        self._bundle = self._compile(data)
+        self.data = data
+
+
+def _put(lib, handle, value: Any) -> None:
+    """Build a rego-cpp input term from a JSON-like value, through its C API."""
+    kind = type(value)
+    if kind is str:
+        raw = value.encode()
+        if b"\0" in raw:  # a C string would silently cut it short
+            raise _InputError("a string contains a NUL byte")
+        lib.regoInputString(handle, raw)
+    elif kind is dict:
+        for key, item in value.items():
+            _put(lib, handle, key)
+            _put(lib, handle, item)
+            lib.regoInputObjectItem(handle)
+        lib.regoInputObject(handle, len(value))
+    elif kind is list:
+        for item in value:
+            _put(lib, handle, item)
+        lib.regoInputArray(handle, len(value))
+    elif kind is bool:
+        lib.regoInputBoolean(handle, value)
+    elif kind is int:
+        if -(1 << 63) <= value < (1 << 63):
+            lib.regoInputInt(handle, value)
+        else:  # a uint64 beyond int64: the nearest number rather than a wrapped one
+            lib.regoInputFloat(handle, float(value))
+    elif value is None:
+        lib.regoInputNull(handle)
+    elif kind is float:
+        lib.regoInputFloat(handle, value)
+    else:
+        raise _InputError(f"cannot pass a {kind.__name__} to the policy")
+
+
+def _errors(rs, node) -> str:
+    """The messages of an error node: (rego-errorseq (error (errormsg ...) ... (errorcode ...)))."""
+    texts = []
+    for i in range(rs.rego_node_size(node)):
+        error = rs.rego_node_get(node, i)
+        parts = []
+        for j in range(rs.rego_node_size(error)):
+            child = rs.rego_node_get(error, j)
+            if rs.rego.regoNodeType(child) in (1801, 1803):  # ErrorMsg, ErrorCode
+                with contextlib.suppress(rs.RegoError):
+                    parts.append(rs.rego_node_value(child))
+        texts.append(" ".join(p for p in parts if p))
+    return "; ".join(t for t in texts if t) or "unknown error"
+
+
+# --- what the agent enforces -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    rule: str
+    allowed: bool
+    prints: str = ""
+    reason: str = ""  # why a denial was turned into an allow, or why a rule denied
+
+    def denial(self) -> PermissionDenied:
+        text = self.prints if not self.reason else f"{self.prints} ({self.reason})".lstrip()
+        return PermissionDenied(f"{self.rule} is blocked by policy: {text}")
+
+
+def policy_path(configured: str | None, default_file: str = DEFAULT_POLICY_FILE) -> str | None:
+    """The policy to load at start-up: the configured file, else the default one if it exists."""
+    if configured:
+        return configured
+    return default_file if os.path.exists(default_file) else None
+
+
+def read_policy(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        raise PolicyLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyLoadError(f"{path} is larger than {MAX_POLICY_BYTES} bytes")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise PolicyLoadError(f"{path} is not UTF-8 text") from None
+
+
+class AgentPolicy:
+    """The agent's policy state: none (allow all), an engine, or a failed load (refuse all)."""
+
+    def __init__(self, engine: Engine | None = None, failure: str | None = None) -> None:
+        self.engine = engine
+        self.failure = failure  # why the start-up policy did not load; cleared by SetPolicy
+        self._order = asyncio.Lock()  # decisions in arrival order, one at a time
+
+    @classmethod
+    def load(cls, configured: str | None, default_file: str = DEFAULT_POLICY_FILE) -> AgentPolicy:
+        """The start-up policy.  Never raises: a policy that fails to load refuses every request."""
+        path = policy_path(configured, default_file)
+        if path is None:
+            log.info("no agent policy: every request is allowed")
+            return cls()
+        try:
+            engine = Engine(read_policy(path))
+        except PolicyLoadError as exc:
+            log.error("agent policy failed to load: every request is refused until SetPolicy",
+                      path=path, error=str(exc))
+            return cls(failure=f"{path}: {exc}")
+        log.info("agent policy loaded", path=path, allow_failures=engine.allow_failures)
+        return cls(engine)
+
+    @property
+    def enforcing(self) -> bool:
+        return self.engine is not None or self.failure is not None
+
+    async def check(self, request: Message) -> Decision:
+        async with self._order:
+            return await self._decide(request.DESCRIPTOR.name, request)
+
+    async def _decide(self, rule: str, request: Message) -> Decision:
+        if self.failure is not None:
+            return Decision(rule, False, reason=f"the agent policy failed to load: {self.failure}")
+        engine = self.engine
+        if engine is None:
+            return Decision(rule, True)
+        doc = request_input(request)
+        heavy = request.ByteSize() > OFFLOAD_BYTES  # a big input costs ~1 ms: keep the loop free
+        value, prints = await _run(heavy, engine.evaluate, rule, doc)
+        decision = await self._interpret(engine, rule, value, prints)
+        if log.isEnabledFor(logging.DEBUG):
+            shown = {"policy_bytes": len(doc.get("policy", ""))} if rule == "SetPolicyRequest" else doc
+            log.debug("policy decision", rule=rule, allowed=decision.allowed, result=value,
+                      prints=prints, reason=decision.reason, input=shown)
+        return decision
+
+    async def _interpret(self, engine: Engine, rule: str, value: Any, prints: str) -> Decision:
+        if value is None:
+            allowed, reason = False, f"rule data.{PACKAGE}.{rule} is undefined"
+        elif isinstance(value, bool):
+            allowed, reason = value, ""
+        elif isinstance(value, dict) and isinstance(value.get("allowed"), bool):
+            allowed, reason = value["allowed"], ""
+            ops = value.get("ops")
+            if allowed and ops:
+                try:  # compiles again: off the loop, still in order
+                    await asyncio.to_thread(engine.apply, ops)
+                except (PatchError, PolicyLoadError) as exc:
+                    raise AgentError(f"{rule}: internal error: policy ops cannot be applied: {exc}") from None
+        else:
+            raise AgentError(f"{rule}: internal error: unexpected policy result {json.dumps(value)[:200]}")
+        if not allowed and engine.allow_failures:
+            log.warning("request failing the policy allowed (AllowRequestsFailingPolicy)",
+                        rule=rule, prints=prints, reason=reason)
+            return Decision(rule, True, prints, reason or "denied")
+        return Decision(rule, allowed, prints, reason)
+
+    async def set_policy(self, request: agent_pb2.SetPolicyRequest) -> None:
+        """SetPolicy: allowed by the current policy's SetPolicyRequest rule, then replace it.
+
+        A policy that does not compile is refused and the current one stays.  In the failed
+        start-up state there is no policy to ask: SetPolicy is how the agent recovers.
+        """
+        async with self._order:
+            if self.engine is not None:
+                decision = await self._decide("SetPolicyRequest", request)
+                if not decision.allowed:
+                    raise decision.denial()
+            try:
+                engine = await asyncio.to_thread(Engine, request.policy)
+            except PolicyLoadError as exc:
+                raise InvalidArgument(f"SetPolicy: the policy does not compile: {exc}") from None
+            self.engine, self.failure = engine, None
+        log.info("agent policy replaced", policy_bytes=len(request.policy),
+                 allow_failures=engine.allow_failures)
+
+    async def interceptor(self, ctx, request: Message, call_next: Callable[[], Awaitable[Message]]) -> Message:
+        """The ttRPC interceptor: every grpc.AgentService call is decided before it runs."""
+        rule = ctx.request_name
+        if not self.enforcing or ctx.service != AGENT_SERVICE or rule == "SetPolicyRequest":
+            return await call_next()  # SetPolicy decides inside its handler, atomically
+        try:
+            decision = await self.check(request)
+        except AgentError as exc:
+            if rule != "ReadStreamRequest":
+                raise
+            log.error("policy failed on a read: its data is withheld", rpc=ctx.method, error=exc.message)
+            decision = Decision(rule, False)
+        if decision.allowed:
+            return await call_next()
+        if rule == "ReadStreamRequest":
+            # Withhold the data but still read it, so that the container's pipe never fills.
+            _withhold(await call_next())
+            log.debug("read withheld by policy", rpc=ctx.method, prints=decision.prints)
+            return agent_pb2.ReadStreamResponse()
+        log.info("request blocked by policy", rpc=ctx.method, prints=decision.prints,
+                 reason=decision.reason)
+        raise decision.denial()
+
+
+def _withhold(response: Any) -> None:
+    """Throw a read's reply away.  A reply still in the pipe (kagent.stdio's RawReply, which
+    holds the stream until sent or discarded) is read out first, or the pipe keeps its bytes."""
+    if isinstance(response, Message) or not hasattr(response, "discard"):
+        return
+    try:
+        os.read(response.stream.fd, min(response.ready, response.size))
+    except BlockingIOError:
+        pass
+    except (AttributeError, OSError) as exc:
+        log.warning("withheld read: its bytes stay in the pipe", error=str(exc))
+    finally:
+        response.discard()
+
+
+async def _run(offload: bool, fn: Callable, *args: Any) -> Any:
+    return await asyncio.to_thread(fn, *args) if offload else fn(*args)
