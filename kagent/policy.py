@@ -11,11 +11,8 @@ with one entry point per request name; only a change of its data (``ops``) compi
 because a rego-cpp bundle carries its data.  Decisions are serialized: a stateful policy
 sees the requests one at a time, in the order they arrived.
 
-The input has upstream's shape, the serde JSON of its rust-protobuf messages: every field
-present under its proto name (``OCI``, ``Process``, ``container_id``), defaults included,
-an unset message is ``null``, 64-bit integers are numbers, enums their numbers, bytes arrays
-of numbers, Rust keywords get a trailing ``_`` (``type_``), a oneof is ``{"Variant": value}``.
-CopyFileRequest gets upstream's reduced input (no data; a symlink's target as a string).
+The input has upstream's shape, the serde JSON of its rust-protobuf messages
+(kagent.policy_input); ``ops`` are applied with kagent.jsonpatch.
 
 rego-cpp writes ``print()`` output (and compile errors) to C++ ``std::cout``, i.e. fd 1:
 while the engine runs, fd 1 points at a memfd and what lands there becomes the prints.
@@ -30,19 +27,19 @@ import ctypes
 import json
 import logging
 import os
-import stat
 import sys
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from kagent import protocols
 from kagent.errors import AgentError, InvalidArgument, PermissionDenied
+from kagent.jsonpatch import PatchError, apply_patch  # re-exported: the policy's API
 from kagent.log import get_logger
+from kagent.policy_input import request_input  # re-exported: the policy's API
 from kagent.protocols import agent_pb2
 
 log = get_logger("policy")
@@ -65,213 +62,8 @@ class PolicyLoadError(Exception):
     """The policy text cannot be read or compiled."""
 
 
-# --- the request as upstream's serde JSON --------------------------------------------------------
-
-_RUST_KEYWORDS = frozenset(
-    "as async await break const continue crate dyn else enum extern false fn for if impl in let "
-    "loop match mod move mut pub ref return self static struct super trait true type unsafe use "
-    "where while abstract become box do final macro override priv typeof unsized virtual yield "
-    "try".split())
-
-# how a field becomes JSON (see _plan)
-(_SCALAR, _SCALARS, _MESSAGE, _MESSAGES, _MAP, _MESSAGE_MAP, _BYTES, _BYTES_LIST,
- _OPTIONAL, _ONEOF) = range(10)
-_plans: dict[str, list[tuple]] = {}
-
-
-def _plan(desc: Descriptor) -> list[tuple]:
-    """(attribute, JSON key, kind, detail) for each field of a message type, computed once."""
-    plan = _plans.get(desc.full_name)
-    if plan is not None:
-        return plan
-    plan = _plans[desc.full_name] = []  # registered first: message types may recurse
-    oneofs_done: set[str] = set()
-    for fd in desc.fields:
-        key = fd.name + "_" if fd.name in _RUST_KEYWORDS else fd.name
-        oneof = fd.containing_oneof
-        if oneof is not None and not (oneof.name == "_" + fd.name and len(oneof.fields) == 1):
-            # a real oneof is one Rust field holding an enum: {"Variant": value} or null
-            if oneof.name not in oneofs_done:
-                oneofs_done.add(oneof.name)
-                variants = {f.name: "".join(p[:1].upper() + p[1:] for p in f.name.split("_"))
-                            for f in oneof.fields}
-                plan.append((oneof.name, oneof.name, _ONEOF, variants))
-            continue
-        repeated = fd.label == FieldDescriptor.LABEL_REPEATED
-        if fd.type == FieldDescriptor.TYPE_MESSAGE:
-            if fd.message_type.GetOptions().map_entry:
-                value = fd.message_type.fields_by_name["value"]
-                if value.type == FieldDescriptor.TYPE_MESSAGE:
-                    plan.append((fd.name, key, _MESSAGE_MAP, _plan(value.message_type)))
-                else:
-                    plan.append((fd.name, key, _MAP, None))
-            else:
-                plan.append((fd.name, key, _MESSAGES if repeated else _MESSAGE, _plan(fd.message_type)))
-        elif fd.type == FieldDescriptor.TYPE_BYTES:
-            plan.append((fd.name, key, _BYTES_LIST if repeated else _BYTES, None))
-        elif oneof is not None:  # proto3 optional: the value or null
-            plan.append((fd.name, key, _OPTIONAL, None))
-        else:
-            plan.append((fd.name, key, _SCALARS if repeated else _SCALAR, None))
-    return plan
-
-
-def _to_json(msg: Message, plan: list[tuple]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, key, kind, detail in plan:
-        if kind == _SCALAR:
-            out[key] = getattr(msg, name)
-        elif kind == _MESSAGE:
-            out[key] = _to_json(getattr(msg, name), detail) if msg.HasField(name) else None
-        elif kind == _SCALARS or kind == _BYTES:
-            out[key] = list(getattr(msg, name))
-        elif kind == _MESSAGES:
-            out[key] = [_to_json(m, detail) for m in getattr(msg, name)]
-        elif kind == _MAP:
-            out[key] = {str(k): v for k, v in getattr(msg, name).items()}
-        elif kind == _MESSAGE_MAP:
-            out[key] = {str(k): _to_json(v, detail) for k, v in getattr(msg, name).items()}
-        elif kind == _BYTES_LIST:
-            out[key] = [list(b) for b in getattr(msg, name)]
-        elif kind == _OPTIONAL:
-            out[key] = getattr(msg, name) if msg.HasField(name) else None
-        else:  # _ONEOF
-            which = msg.WhichOneof(name)
-            out[key] = None if which is None else {detail[which]: getattr(msg, which)}
-    return out
-
-
-_FILE_TYPES = {stat.S_IFREG: "Regular", stat.S_IFDIR: "Directory", stat.S_IFLNK: "Symlink"}
-
-
-def _copy_file_input(req: agent_pb2.CopyFileRequest) -> dict[str, Any]:
-    """Upstream's PolicyCopyFileRequest: the file data never reaches the policy."""
-    file_type = _FILE_TYPES.get(stat.S_IFMT(req.file_mode), "Unknown")
-    target = None
-    if file_type == "Symlink":
-        try:
-            target = req.data.decode()
-        except UnicodeDecodeError:
-            raise InvalidArgument(f"CopyFile {req.path}: the symlink target is not valid UTF-8") from None
-    return {"path": req.path, "file_type": file_type, "symlink_target": target,
-            "file_size": req.file_size, "file_mode": req.file_mode, "dir_mode": req.dir_mode,
-            "uid": req.uid, "gid": req.gid, "offset": req.offset}
-
-
-def request_input(request: Message) -> dict[str, Any]:
-    """The policy input for a request, as upstream serializes it."""
-    if isinstance(request, agent_pb2.CopyFileRequest):
-        return _copy_file_input(request)
-    return _to_json(request, _plan(request.DESCRIPTOR))
-
-
-# --- JSON patch (RFC 6902) for the ops of stateful policies -----------------------------------
-
-
-class PatchError(ValueError):
-    pass
-
-
-def _pointer(path: object) -> list[str]:
-    if not isinstance(path, str) or (path and not path.startswith("/")):
-        raise PatchError(f"bad JSON pointer {path!r}")
-    return [t.replace("~1", "/").replace("~0", "~") for t in path.split("/")[1:]]
-
-
-def _index(container: list, token: str, *, append: bool = False) -> int:
-    if append and token == "-":
-        return len(container)
-    if not token.isdigit() or (len(token) > 1 and token[0] == "0"):
-        raise PatchError(f"bad array index {token!r}")
-    i = int(token)
-    if i > len(container) or (i == len(container) and not append):
-        raise PatchError(f"array index {i} out of range")
-    return i
-
-
-def _walk(doc: Any, tokens: list[str]) -> Any:
-    for token in tokens:
-        if isinstance(doc, dict) and token in doc:
-            doc = doc[token]
-        elif isinstance(doc, list):
-            doc = doc[_index(doc, token)]
-        else:
-            raise PatchError(f"path /{'/'.join(tokens)} does not exist")
-    return doc
-
-
-def _same(a: Any, b: Any) -> bool:
-    """JSON equality: true is not 1."""
-    if type(a) is bool or type(b) is bool:
-        return type(a) is type(b) and a == b
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
-def apply_patch(doc: Any, ops: Any) -> Any:
-    """``doc`` with the JSON patch ``ops`` applied (the original is left unchanged)."""
-    if not isinstance(ops, list):
-        raise PatchError("ops is not a list")
-    doc = copy.deepcopy(doc)
-    for op in ops:
-        if not isinstance(op, dict) or not isinstance(op.get("op"), str):
-            raise PatchError(f"bad operation {op!r}")
-        kind, tokens = op["op"], _pointer(op.get("path"))
-        if kind in ("add", "replace", "test") and "value" not in op:
-            raise PatchError(f"{kind} without a value")
-        if kind == "test":
-            if not _same(_walk(doc, tokens), op["value"]):
-                raise PatchError(f"test failed at {op['path']}")
-            continue
-        if kind in ("move", "copy"):
-            source = _pointer(op.get("from"))
-            value = _walk(doc, source)
-            if kind == "move":
-                if tokens[:len(source)] == source and tokens != source:
-                    raise PatchError("cannot move a value into itself")
-                doc = _remove(doc, source)
-            else:
-                value = copy.deepcopy(value)
-            doc = _add(doc, tokens, value)
-        elif kind == "add":
-            doc = _add(doc, tokens, op["value"])
-        elif kind == "remove":
-            doc = _remove(doc, tokens)
-        elif kind == "replace":
-            doc = _add(_remove(doc, tokens), tokens, op["value"]) if tokens else op["value"]
-        else:
-            raise PatchError(f"unknown operation {kind!r}")
-    return doc
-
-
-def _add(doc: Any, tokens: list[str], value: Any) -> Any:
-    if not tokens:
-        return value
-    parent = _walk(doc, tokens[:-1])
-    if isinstance(parent, dict):
-        parent[tokens[-1]] = value
-    elif isinstance(parent, list):
-        parent.insert(_index(parent, tokens[-1], append=True), value)
-    else:
-        raise PatchError(f"cannot add below a {type(parent).__name__}")
-    return doc
-
-
-def _remove(doc: Any, tokens: list[str]) -> Any:
-    if not tokens:
-        raise PatchError("cannot remove the whole document")
-    parent = _walk(doc, tokens[:-1])
-    if isinstance(parent, dict) and tokens[-1] in parent:
-        del parent[tokens[-1]]
-    elif isinstance(parent, list):
-        del parent[_index(parent, tokens[-1])]
-    else:
-        raise PatchError(f"path /{'/'.join(tokens)} does not exist")
-    return doc
-
+# The request as upstream's serde JSON, and JSON patch for stateful policies, live in
+# their own modules; their public names are re-exported here.
 
 # --- the Rego engine -------------------------------------------------------------------------
 
