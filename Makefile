@@ -8,6 +8,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install build test test-fast lint run bench clean
+.PHONY: initrd test-vm
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -37,6 +38,13 @@ run: $(STAMP) ## start kagent on a unix socket, drive it with kagent-ctl, stop i
 
 bench: $(STAMP) ## run the benchmarks; writes bench/results.json and bench/results.md
 	$(PY) -m bench
+
+initrd: $(STAMP) ## build the guest image (Debian kernel, initramfs with Python, kagent, busybox; cached)
+	$(PY) -m vm.build_initrd
+
+test-vm: $(STAMP) ## boot real guests under QEMU and drive kagent from the host (tests/vm, marker vm)
+	$(PY) -m vm.build_initrd
+	$(VENV)/bin/pytest -q -m vm tests/vm $(PYTEST_ARGS)
 
 clean: ## remove build products (keeps .venv)
 	rm -rf build *.egg-info kagent/_fast/*.so kagent/_fast/*.c kagent/protocols/*_pb2.py kagent/protocols/*_pb2.pyi

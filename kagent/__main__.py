@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 
@@ -46,6 +47,12 @@ def allow_core_dumps() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.getpid() == 1:
+        # The guest's init: PID-1 duties (mounts, modules, reaping, power-off) happen in
+        # kagent.init, which runs this main again in its child.
+        from kagent import init
+
+        return init.main(argv)
     args = _parser().parse_args(argv)
     if args.version:
         print(f"kagent version {__version__} (api version: 0.0.1, type: python)")

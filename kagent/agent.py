@@ -23,9 +23,9 @@ from kagent.metrics import AgentMetrics
 from kagent.podsetup import PodSetup
 from kagent.policy import AgentPolicy
 from kagent.sandbox import DEFAULT_RUN_DIR, Sandbox
-from kagent.storage import StorageManager, handler_names
 from kagent.service import build_routes, implemented
 from kagent.service.health import HealthService
+from kagent.storage import StorageManager, handler_names
 from kagent.ttrpc.server import Server
 from kagent.zygote import ZygoteHandle, exit_status
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kagent import __version__
+from kagent import __version__, init
 from kagent.errors import (
     AgentError,
     FailedPrecondition,
@@ -116,7 +116,7 @@ def guest_details(want_block_size: bool, want_probe: bool, *, storage_handlers: 
         mem_block_size_bytes=memory_block_size(root) if want_block_size else 0,
         support_mem_hotplug_probe=mem_hotplug_probe_supported(root) if want_probe else False,
         version=__version__,
-        init_daemon=os.getpid() == 1,
+        init_daemon=init.is_init_mode() or os.getpid() == 1,
         storage_handlers=[str(h) for h in storage_handlers],
         supports_seccomp=seccomp,
         # upstream lists its optional build features here, sorted

@@ -260,6 +260,7 @@ class Sandbox:
         if nb_cpus <= 0:
             return
         guest = await asyncio.to_thread(cgroups.guest_cpus)
+        await asyncio.to_thread(cgroups.widen_agent_cpuset, self.agent.config.cgroup_parent, guest)
         for container in list(self.containers.values()):
             cpus = ((container.spec.get("linux") or {}).get("resources") or {}).get("cpu", {}).get("cpus")
             if container.cgroup is not None and cpus:

@@ -10,7 +10,14 @@ oom.py for the OOM fd, mount.py for init mode.
 """
 
 from .hotplug import guest_cpus, online_cpus, online_memory
-from .manager import DESTROY_TIMEOUT, FREEZE_TIMEOUT, Manager, new_manager, update_cpuset_path
+from .manager import (
+    DESTROY_TIMEOUT,
+    FREEZE_TIMEOUT,
+    Manager,
+    new_manager,
+    update_cpuset_path,
+    widen_agent_cpuset,
+)
 from .mount import mount_cgroups
 from .oom import OomEvents, OomWatch
 from .paths import Layout, container_path, detect
@@ -32,4 +39,5 @@ __all__ = [
     "online_memory",
     "to_proto",
     "update_cpuset_path",
+    "widen_agent_cpuset",
 ]

@@ -94,3 +94,21 @@ def update_cpuset_path(root: str, top: str, container_rel: str, guest_cpus: str,
         writes.append((os.path.join(root, container_rel, "cpuset.cpus"), container_cpus))
     log.info("cpuset update", guest_cpus=guest_cpus, container_cpus=container_cpus, cgroup=container_rel)
     fswrite.write_batch(writes)
+
+
+def widen_tree(root: str, top: str, guest_cpus: str) -> None:
+    """After CPU hot-plug: ``guest_cpus`` into the agent's parent cgroup (``top``) and every
+    cgroup below it that has children (pod cgroups), parents first.  v1 only lets a cgroup
+    use CPUs its parent has, so without this a container created after the hot-plug could
+    not be pinned to the new CPU.  Leaves (containers) keep their own lists."""
+    if not guest_cpus:
+        return
+    parse_list(guest_cpus)
+    base = os.path.join(root, top)
+    writes = []
+    for dirpath, dirnames, _files in os.walk(base):  # top-down: parents are written first
+        if dirpath == base or dirnames:
+            writes.append((os.path.join(dirpath, "cpuset.cpus"), guest_cpus))
+    if writes:
+        log.info("cpuset widened for hot-plugged CPUs", guest_cpus=guest_cpus, cgroups=len(writes))
+        fswrite.write_batch(writes)

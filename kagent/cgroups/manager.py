@@ -258,3 +258,18 @@ def update_cpuset_path(guest_cpus: str, cgroups_path: str, container_cpus: str, 
     """OnlineCPUMem's cpuset rule for one container (its spec's cgroupsPath and cpu.cpus)."""
     m = new_manager(parent, layout=layout).open(cgroups_path, container_id=container_id)
     m.update_cpuset(guest_cpus, container_cpus)
+
+
+def widen_agent_cpuset(parent: str, guest_cpus: str, *, layout: paths.Layout | None = None) -> None:
+    """OnlineCPUMem: give the agent's cgroups (v1 cpuset) the guest's online CPUs, top-down.
+    v2 needs nothing: an empty cpuset.cpus there means "the parent's"."""
+    layout = layout or paths.Layout.discover()
+    root = layout.v1.get("cpuset")
+    if root is None or not os.path.isdir(os.path.join(root, parent)):
+        return
+    from .cpuset import widen_tree
+
+    try:
+        widen_tree(root, parent, guest_cpus)
+    except OSError as exc:
+        raise to_domain(exc, f"widen the cpuset of {parent}") from exc

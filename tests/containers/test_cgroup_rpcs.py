@@ -149,3 +149,27 @@ async def test_resource_rpcs_on_unknown_containers_are_not_found(agent):
         with pytest.raises(RpcError) as err:
             await call(container_id="nope")
         assert err.value.code == Code.NOT_FOUND
+
+
+async def test_online_cpu_mem_widens_the_agents_cpuset_for_later_containers(agent, rootfs):
+    """As after a CPU hot-plug: the agent's cgroups were made when only CPU 0 was online.
+    OnlineCPUMem widens them top-down, so a container created later can be pinned to CPU 1."""
+    if os.cpu_count() < 2:
+        pytest.skip("needs two CPUs")
+    calls = await connect(agent)
+    await calls.create("c0", spec_for(rootfs, "sleep 1000"))  # makes the agent's parent cgroup
+    top = f"/sys/fs/cgroup/cpuset/{agent.cgroup_parent}"
+    for path in (f"{top}/c0/cpuset.cpus", f"{top}/cpuset.cpus"):  # children first when narrowing
+        with open(path, "w") as f:
+            f.write("0")
+    with pytest.raises(RpcError):  # not a subset of the parent's CPUs: the kernel refuses
+        await calls.create("early", spec_for(rootfs, "true", {"cpu": {"cpus": "1"}}))
+    await calls.OnlineCPUMem(nb_cpus=os.cpu_count(), cpu_only=True)
+    with open(f"{top}/cpuset.cpus") as f:
+        assert f.read().strip() == f"0-{os.cpu_count() - 1}"
+    await calls.create("late", spec_for(rootfs, "grep Cpus_allowed_list /proc/self/status", {"cpu": {"cpus": "1"}}))
+    await calls.StartContainer(container_id="late")
+    assert (await calls.read_all("late", "late")).split() == [b"Cpus_allowed_list:", b"1"]
+    await calls.WaitProcess(container_id="late", exec_id="late")
+    for cid in ("late", "c0"):
+        await calls.RemoveContainer(container_id=cid)
