@@ -12,7 +12,7 @@ import os
 import signal
 import time
 
-from kagent import ipc
+from kagent import ipc, tracing
 from kagent import log as klog
 from kagent.cgroups import OomEvents
 from kagent.config import AgentConfig
@@ -22,6 +22,7 @@ from kagent.devices.registry import DeviceRegistry
 from kagent.metrics import AgentMetrics
 from kagent.podsetup import PodSetup
 from kagent.policy import AgentPolicy
+from kagent.rpcmetrics import RpcMetrics
 from kagent.sandbox import DEFAULT_RUN_DIR, Sandbox
 from kagent.service import build_routes, implemented
 from kagent.service.health import HealthService
@@ -50,6 +51,10 @@ class Agent:
         self.policy = AgentPolicy.load(config.policy_file)  # none configured: everything allowed
         self.uevents: UeventListener | None = None
         self.metrics = AgentMetrics()
+        self.rpc_metrics = RpcMetrics(self.metrics.registry, self)
+        self.console = None  # kagent.console.DebugConsole when agent.debug_console
+        self.log_forwarder = None  # kagent.logforward.LogForwarder when agent.log_vport
+        self.metrics_endpoint = None  # kagent.rpcmetrics.MetricsEndpoint when agent.metrics_addr
         self._stop = asyncio.Event()
         self.exit_code = 0
 
@@ -88,9 +93,11 @@ class Agent:
         self.sandbox = Sandbox(self, self.run_dir)
         self._check_pipe_size()
         self._start_uevents()  # before serving: no hot-plug event may be missed
+        await self._start_observability()
         routes = build_routes(self.services())
         # The policy innermost: what it refuses is still traced and counted by the others.
-        self.server = Server(routes, interceptors=[self.policy.interceptor])
+        self.server = Server(routes, interceptors=[self.rpc_metrics.interceptor, *tracing.interceptors(),
+                                                    self.policy.interceptor])
         try:
             await self.server.start(self.config.server_addr)
         except (OSError, ValueError) as exc:
@@ -126,6 +133,50 @@ class Agent:
             _log.warning("agent.container_pipe_size exceeds /proc/sys/fs/pipe-max-size and the agent is not "
                          "the guest's init: containers will fail to create", size=size, limit=limit)
 
+    async def _start_observability(self) -> None:
+        """Log forwarding, tracing, the metrics endpoint and the debug console: each one that
+        cannot start is logged, and the agent goes on without it."""
+        from kagent import logforward
+        from kagent.console import DebugConsole
+        from kagent.rpcmetrics import MetricsEndpoint
+
+        cfg = self.config
+        if cfg.log_vport or cfg.log_addr:
+            fwd = logforward.LogForwarder()
+            fwd.install()
+            try:
+                await fwd.start(cfg.log_addr or logforward.address_for(cfg.log_vport))
+                self.log_forwarder = fwd
+            except (OSError, ValueError) as exc:
+                fwd.uninstall()
+                _log.error("log forwarding not started", vport=cfg.log_vport, error=str(exc))
+        if cfg.tracing:
+            try:
+                tracing.setup(vsock_address=None if cfg.trace_file else cfg.trace_addr, file_path=cfg.trace_file)
+            except (OSError, ValueError, ImportError) as exc:
+                _log.error("tracing not started", error=str(exc))
+        if cfg.metrics_addr:
+            endpoint = MetricsEndpoint(self.metrics.registry, cfg.metrics_addr)
+            try:
+                await endpoint.start()
+                self.metrics_endpoint = endpoint
+            except (OSError, ValueError) as exc:
+                _log.error("metrics endpoint not started", address=cfg.metrics_addr, error=str(exc))
+        if cfg.debug_console or cfg.debug_console_addr:
+            console = DebugConsole.from_config(self.zygote_channel, cfg.debug_console_vport, cfg.debug_console_addr)
+            if console is not None and await console.start():
+                self.console = console
+
+    async def _stop_observability(self) -> None:
+        if self.console is not None:
+            await self.console.close()
+            self.console = None
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.close()
+            self.metrics_endpoint = None
+        if tracing.enabled():
+            await asyncio.to_thread(tracing.shutdown)  # flushes the spans still queued
+
     def _start_uevents(self) -> None:
         self.uevents = UeventListener(self.devices)
         try:
@@ -135,6 +186,7 @@ class Agent:
             self.uevents = None
 
     async def _shutdown(self) -> None:
+        await self._stop_observability()
         if self.uevents is not None:
             self.uevents.close()
             self.uevents = None
@@ -160,6 +212,10 @@ class Agent:
                     os.waitpid(self.zygote.pid, 0)
             self.zygote = None
         _log.info("stopped")
+        if self.log_forwarder is not None:  # last: "stopped" reaches the host
+            await self.log_forwarder.close()
+            self.log_forwarder.uninstall()
+            self.log_forwarder = None
 
     def _on_zygote_gone(self) -> None:
         if self.zygote is None or self._stop.is_set():

@@ -52,7 +52,12 @@ class AgentConfig:
     dev_mode: bool = False
     debug_console: bool = False
     debug_console_vport: int = 0
+    debug_console_addr: str | None = None  # tests/developers: serve the console on unix:///path
     log_vport: int = 0
+    log_addr: str | None = None  # tests/developers: forward logs on unix:///path
+    metrics_addr: str | None = None  # HOST:PORT (or unix://, vsock://) for GET /metrics
+    trace_addr: str = "vsock://2:10240"  # where spans go (the host's trace forwarder)
+    trace_file: str | None = None  # spans as JSON lines to this file instead
     server_addr: str = "vsock://-1:1024"
     tracing: bool = False
     hotplug_timeout: float = 3.0  # seconds
@@ -277,6 +282,25 @@ def _p_server_addr(value: object) -> str:
     return validate_server_addr(value)
 
 
+def _p_listen_addr(value: object) -> str:
+    """unix:///path, unix://@name or vsock://CID:PORT; a bare /path means unix://."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected an address")
+    addr = value if "://" in value else "unix://" + value
+    if addresses.parse(addr).scheme not in ("unix", "vsock"):
+        raise ValueError("expected unix:///path or vsock://CID:PORT")
+    return addr
+
+
+def _p_metrics_addr(value: object) -> str:
+    from kagent.rpcmetrics import parse_metrics_addr
+
+    if not isinstance(value, str):
+        raise ValueError("expected HOST:PORT")
+    parse_metrics_addr(value)
+    return value
+
+
 def _p_path(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError("expected a path string")
@@ -332,7 +356,17 @@ OPTIONS: tuple[Option, ...] = (
            flag=True),
     Option("debug_console_vport", _p_port, cmdline=("agent.debug_console_vport",),
            toml="debug_console_vport"),
+    Option("debug_console_addr", _p_listen_addr, cmdline=("agent.debug_console_addr",),
+           toml="debug_console_addr", env="KAGENT_DEBUG_CONSOLE_ADDR"),
     Option("log_vport", _p_port, cmdline=("agent.log_vport",), toml="log_vport"),
+    Option("log_addr", _p_listen_addr, cmdline=("agent.log_addr",), toml="log_addr",
+           env="KAGENT_LOG_ADDR"),
+    Option("metrics_addr", _p_metrics_addr, cmdline=("agent.metrics_addr",), toml="metrics_addr",
+           env="KAGENT_METRICS_ADDR"),
+    Option("trace_addr", _p_listen_addr, cmdline=("agent.trace_addr",), toml="trace_addr",
+           env="KATA_AGENT_TRACE_ADDR"),
+    Option("trace_file", _p_path, cmdline=("agent.trace_file",), toml="trace_file",
+           env="KATA_AGENT_TRACE_FILE"),
     Option("server_addr", _p_server_addr, cmdline=("agent.server_addr",), toml="server_addr",
            env="KATA_AGENT_SERVER_ADDR"),
     Option("tracing", _p_bool, cmdline=("agent.trace",), toml="tracing",

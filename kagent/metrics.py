@@ -379,9 +379,9 @@ def encode(registry: CollectorRegistry) -> str:
         out.append(f"# HELP {family.name} {doc}\n# TYPE {family.name} {kind}\n")
         for s in family.samples:
             name = s.name
+            if name.endswith("_created") and family.type in ("counter", "histogram", "summary"):
+                continue  # prometheus-client's creation times: upstream has none
             if family.type == "counter":
-                if name.endswith("_created"):
-                    continue
                 if name == family.name + "_total":
                     name = family.name
             labels = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(s.labels.items()))

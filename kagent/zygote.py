@@ -34,6 +34,7 @@ from kagent import ipc
 ENTRIES: dict[str, str] = {
     "probe": "kagent.zygote:probe_entry",
     "container": "kagent.worker.main:run",
+    "console": "kagent.console.shell:shell_entry",
 }
 
 

@@ -564,6 +564,7 @@ def test_to_json_dict():
     d = cfg.to_json_dict()
     assert set(d) == {f.name for f in dataclasses.fields(AgentConfig)} == {
         "log_level", "dev_mode", "debug_console", "debug_console_vport", "log_vport",
+        "debug_console_addr", "log_addr", "metrics_addr", "trace_addr", "trace_file",
         "server_addr", "tracing", "hotplug_timeout", "unified_cgroup_hierarchy",
         "container_pipe_size", "passfd_listener_port", "config_file", "policy_file",
         "cgroup_parent", "warnings",

@@ -178,6 +178,7 @@ class OomEvents:
     def __init__(self) -> None:
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._watches: dict[str, OomWatch] = {}
+        self.kills = 0  # OOM kills seen, for kagent_oom_events_total
 
     def watch(self, container_id: str, watch: OomWatch) -> None:
         self.unwatch(container_id)
@@ -190,6 +191,7 @@ class OomEvents:
         except OSError:
             kills = 0
             watch.closed_by_kernel = True
+        self.kills += kills
         for _ in range(kills):
             self._queue.put_nowait(container_id)
         if watch.closed_by_kernel:

@@ -126,6 +126,11 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kagent.cli import console
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if console.wants(argv):  # kagent-ctl console --addr ...: an interactive session, not an RPC
+        return console.main(argv)
     args = _parser().parse_args(argv)
     try:
         return asyncio.run(_run(args))

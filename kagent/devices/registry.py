@@ -72,11 +72,13 @@ class DeviceRegistry:
         self.onlined_memory: int = 0  # memory blocks onlined (for logs and tests)
         self.online_failures: int = 0
         self._waiters: list[_Waiter] = []
+        self.events_by_action: dict[str, int] = {}  # for kagent_uevents_total
 
     # --- the listener's side ----------------------------------------------------------------
 
     def handle(self, uev: Uevent) -> None:
         """Take one event (on the loop thread).  Never raises."""
+        self.events_by_action[uev.action] = self.events_by_action.get(uev.action, 0) + 1
         if uev.action == ACTION_ADD:
             self._add(uev)
         elif uev.action == ACTION_REMOVE:
