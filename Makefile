@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install build test test-fast lint run bench clean
+.PHONY: help install build test test-fast lint run bench clean fuzz soak
 .PHONY: initrd test-vm
 
 help: ## list the targets
@@ -28,6 +28,14 @@ build: ## rebuild the protobuf modules and the Cython extensions in place
 
 test: $(STAMP) ## run the whole test suite (both fast-path and pure-Python twins)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+fuzz: $(STAMP) ## fuzz every input surface long and random (KAGENT_FUZZ_EXAMPLES=N per target)
+	KAGENT_FUZZ=long KAGENT_ASYNC_TEST_TIMEOUT=36000 KAGENT_RELIABILITY_REPORT=$${KAGENT_RELIABILITY_REPORT:-/tmp/kagent-fuzz-report.json} \
+		$(VENV)/bin/pytest -q -p no:cacheprovider -o timeout=0 tests/fuzz $(PYTEST_ARGS)
+
+soak: $(STAMP) ## soak: 10000 exec and 600 create cycles, then fds/RSS/threads/mounts/cgroups checked
+	KAGENT_SOAK=long KAGENT_ASYNC_TEST_TIMEOUT=36000 KAGENT_RELIABILITY_REPORT=$${KAGENT_RELIABILITY_REPORT:-/tmp/kagent-soak-report.json} \
+		$(VENV)/bin/pytest -q -p no:cacheprovider -o timeout=0 tests/soak $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff, and mypy on the typed core
 	$(VENV)/bin/ruff check kagent tests bench

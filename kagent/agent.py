@@ -27,6 +27,7 @@ from kagent.sandbox import DEFAULT_RUN_DIR, Sandbox
 from kagent.service import build_routes, implemented
 from kagent.service.health import HealthService
 from kagent.storage import StorageManager, handler_names
+from kagent.ttrpc.limits import Limits
 from kagent.ttrpc.server import Server
 from kagent.zygote import ZygoteHandle, exit_status
 
@@ -96,7 +97,7 @@ class Agent:
         await self._start_observability()
         routes = build_routes(self.services())
         # The policy innermost: what it refuses is still traced and counted by the others.
-        self.server = Server(routes, interceptors=[self.rpc_metrics.interceptor, *tracing.interceptors(),
+        self.server = Server(routes, limits=Limits.from_config(self.config), interceptors=[self.rpc_metrics.interceptor, *tracing.interceptors(),
                                                     self.policy.interceptor])
         try:
             await self.server.start(self.config.server_addr)

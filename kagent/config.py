@@ -67,12 +67,20 @@ class AgentConfig:
     config_file: str | None = None
     policy_file: str | None = None
     cgroup_parent: str = "kagent"  # top-level cgroup that kagent owns in each hierarchy
+    # ttRPC server resource bounds (kagent.ttrpc.limits says what each one bounds and why)
+    ttrpc_max_connections: int = 64
+    ttrpc_max_inflight: int = 1024  # requests in progress on one connection
+    ttrpc_max_inflight_total: int = 4096
+    ttrpc_max_inflight_bytes: int = 64 << 20  # request bytes held by requests in progress
+    ttrpc_max_message_size: int = 4 << 20  # upstream ttrpc's messageLengthMax; also the maximum
+    ttrpc_frame_timeout: float = 30.0  # seconds a started frame may stay incomplete
     warnings: tuple[str, ...] = ()  # every option rejected, and why
 
     def to_json_dict(self) -> dict[str, Any]:
         """All fields, JSON-ready (for ``kagent --print-config``)."""
         out = dataclasses.asdict(self)
         out["hotplug_timeout"] = float(self.hotplug_timeout)
+        out["ttrpc_frame_timeout"] = float(self.ttrpc_frame_timeout)
         out["warnings"] = list(self.warnings)
         return out
 
@@ -227,6 +235,32 @@ def _p_port(value: object) -> int:
 
 def _p_pipe_size(value: object) -> int:
     return _integer(value, "size in bytes", MAX_PIPE_SIZE)
+
+
+MAX_MESSAGE_SIZE = 4 << 20  # upstream hosts neither send nor accept larger ttRPC frames
+MIN_MESSAGE_SIZE = 4096
+
+
+def _p_limit(value: object) -> int:
+    """A count limit of the ttRPC server: 1 .. 2**20."""
+    number = _integer(value, "number", 1 << 20)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _p_byte_limit(value: object) -> int:
+    number = _integer(value, "size in bytes", 1 << 40)
+    if number < MIN_MESSAGE_SIZE:
+        raise ValueError(f"must be at least {MIN_MESSAGE_SIZE}")
+    return number
+
+
+def _p_message_size(value: object) -> int:
+    number = _integer(value, "size in bytes", MAX_MESSAGE_SIZE)
+    if number < MIN_MESSAGE_SIZE:
+        raise ValueError(f"must be at least {MIN_MESSAGE_SIZE}")
+    return number
 
 
 def _p_timeout(value: object) -> float:
@@ -386,6 +420,18 @@ OPTIONS: tuple[Option, ...] = (
            env="KATA_AGENT_POLICY_FILE"),
     Option("cgroup_parent", _p_cgroup_parent, cmdline=("agent.cgroup_parent",),
            toml="cgroup_parent"),
+    Option("ttrpc_max_connections", _p_limit, cmdline=("agent.ttrpc_max_connections",),
+           toml="ttrpc_max_connections"),
+    Option("ttrpc_max_inflight", _p_limit, cmdline=("agent.ttrpc_max_inflight",),
+           toml="ttrpc_max_inflight"),
+    Option("ttrpc_max_inflight_total", _p_limit, cmdline=("agent.ttrpc_max_inflight_total",),
+           toml="ttrpc_max_inflight_total"),
+    Option("ttrpc_max_inflight_bytes", _p_byte_limit, cmdline=("agent.ttrpc_max_inflight_bytes",),
+           toml="ttrpc_max_inflight_bytes"),
+    Option("ttrpc_max_message_size", _p_message_size, cmdline=("agent.ttrpc_max_message_size",),
+           toml="ttrpc_max_message_size"),
+    Option("ttrpc_frame_timeout", _p_timeout, cmdline=("agent.ttrpc_frame_timeout",),
+           toml="ttrpc_frame_timeout"),
 )
 
 _BY_CMDLINE = {key: opt for opt in OPTIONS for key in opt.cmdline}
@@ -420,7 +466,7 @@ def _fmt_current(field: str, value: Any) -> str:
         return "none"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if field == "hotplug_timeout":
+    if field in ("hotplug_timeout", "ttrpc_frame_timeout"):
         return f"{value:g}s"
     return _show(str(value))
 

@@ -9,20 +9,50 @@ within the drain window (a daemonised grandchild may hold the pipe open
 forever).  Nothing is buffered here: a host that does not read leaves the
 bytes in the pipe, so a flooding container blocks on its own writes and the
 agent's memory stays flat.
+
+A ReadStdout reply never holds the output in a Python object.  Once the pipe
+has output, the handler returns a ``PipeReply`` (a ttRPC RawReply) that owns
+the stream until it is on the wire, and the connection sends it one of two ways:
+
+- splice: the frame header, sized by FIONREAD, then splice(2) pipe → socket;
+  the bytes never enter user space;
+- copy: ``readv`` into a preallocated buffer lent to the connection until the
+  socket has taken it (no allocation per read: an ``os.read`` of 1 MiB maps
+  fresh pages every call, and that, not copying, is what costs).
+
+``MODE`` picks one ("splice" unless ``KAGENT_STDIO=copy``; bench/stdio.py
+measures both); a pty, or a connection that cannot splice (a serial port),
+always copies.  The host sees the same bytes either way.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
 import fcntl
+import mmap
 import os
 import struct
 import termios
 
+from kagent.protocols import agent_pb2
+from kagent.ttrpc import framing
+from kagent.ttrpc.server import Connection, RawReply, ok_prefix, varint
+
 EXIT_DRAIN = 0.5  # seconds a read waits for more output after the process exited
-MAX_READ = 4 << 20  # a ttRPC reply cannot carry more
+MAX_READ = framing.MESSAGE_LENGTH_MAX - 64  # a ttRPC reply cannot carry more (with its prefixes)
+MODE = "copy" if os.environ.get("KAGENT_STDIO") == "copy" else "splice"
+
+_EMPTY = agent_pb2.ReadStreamResponse()
+
+
+def fionread(fd: int) -> int:
+    """Bytes waiting in a pipe or pty (FIONREAD)."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf, True)
+    return buf[0]
 
 
 async def _wait_fd(fd: int, writable: bool, timeout: float | None = None) -> bool:
@@ -44,6 +74,86 @@ async def _wait_fd(fd: int, writable: bool, timeout: float | None = None) -> boo
         remove(fd)
 
 
+class _Buffers:
+    """Read buffers lent to connections until the socket has taken their bytes.
+
+    Anonymous mappings of MAX_READ: only the pages a read touches become
+    resident, and they stay mapped for the next read (no page faults then).
+    """
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self._free: list[mmap.mmap] = []
+
+    def take(self) -> mmap.mmap:
+        return self._free.pop() if self._free else mmap.mmap(-1, MAX_READ)
+
+    def give(self, buf: mmap.mmap) -> None:
+        if len(self._free) < self.KEEP:
+            self._free.append(buf)
+
+
+_buffers = _Buffers()
+
+
+def reply_head(stream_id: int, count: int) -> bytes:
+    """Frame header + Response prefix + ReadStreamResponse prefix for ``count`` bytes of data."""
+    data_prefix = b"\x0a" + varint(count)
+    payload_len = len(data_prefix) + count
+    prefix = ok_prefix(payload_len)
+    header = framing.encode_header(len(prefix) + payload_len, stream_id, framing.TYPE_RESPONSE, 0)
+    return b"".join((header, prefix, data_prefix))
+
+
+class PipeReply(RawReply):
+    """A ReadStreamResponse whose data is still in the pipe; it holds the stream until sent."""
+
+    __slots__ = ("ready", "size", "stream")
+
+    def __init__(self, stream: OutputStream, ready: int, size: int) -> None:
+        self.stream = stream
+        self.ready = ready  # bytes FIONREAD saw, all ours (the stream is held)
+        self.size = size  # what the host asked for
+
+    def send(self, connection: Connection, stream_id: int) -> None:
+        stream = self.stream
+        if MODE == "splice" and not stream.pty and connection.can_splice:
+            count = min(self.ready, self.size)
+            connection.send_spliced(reply_head(stream_id, count), stream.fd, count, stream._spliced)
+            return
+        buf = _buffers.take()
+        try:
+            view = memoryview(buf)[: self.size]
+            try:
+                count = os.readv(stream.fd, [view])
+            except OSError as exc:
+                if not (exc.errno == errno.EIO and stream.pty):
+                    raise
+                count = 0  # the slave side hung up under us: an empty (EOF) reply
+                stream.eof = True
+        except BaseException:
+            _buffers.give(buf)
+            stream._release()
+            raise
+        stream._release()
+        connection.send_borrowed([reply_head(stream_id, count), view[:count]], lambda: _buffers.give(buf))
+
+    def discard(self) -> None:
+        """Not sent: the bytes stay in the pipe for the next read."""
+        self.stream._release()
+
+    def drop(self) -> int:
+        """Not sent, and the bytes it announced are thrown away (read out of the pipe)."""
+        stream = self.stream
+        try:
+            return len(os.read(stream.fd, min(self.ready, self.size)))
+        except (BlockingIOError, InterruptedError):
+            return 0
+        finally:
+            stream._release()
+
+
 class OutputStream:
     """stdout, stderr or a pty master, read on the host's demand."""
 
@@ -57,20 +167,49 @@ class OutputStream:
         self._closing = asyncio.get_running_loop().create_future()  # set by close()
         self._closed = False
 
+    async def reply(self, size: int, connection: Connection | None = None) -> agent_pb2.ReadStreamResponse | PipeReply:
+        """The ReadStdout/ReadStderr reply for a read of up to ``size`` bytes (empty data is EOF).
+
+        It waits for output; a PipeReply holds the stream until the connection
+        has sent it, so concurrent readers of one stream take turns and no
+        reader takes bytes a header has already announced.
+        """
+        size = max(0, min(size, MAX_READ))
+        await self._lock.acquire()
+        try:
+            got = await self._ready(size)
+            # A host that does not read its replies: leave the output in the pipe (checked
+            # last, with the stream held, so waiters woken together do not all go on).
+            while type(got) is int and connection is not None and connection.writing_paused:
+                await connection.drain()
+        except BaseException:
+            self._release()
+            raise
+        if type(got) is int:
+            return PipeReply(self, got, size)
+        self._release()
+        return agent_pb2.ReadStreamResponse(data=got) if got else _EMPTY
+
     async def read(self, size: int) -> bytes:
-        """One read of up to ``size`` bytes; b"" is EOF."""
+        """One read of up to ``size`` bytes, as bytes; b"" is EOF."""
         size = max(0, min(size, MAX_READ))
         async with self._lock:  # concurrent readers of one stream take turns
             try:
-                return await self._read(size)
+                got = await self._ready(size)
+                return os.read(self.fd, size) if type(got) is int else got
             finally:
                 if self._closing.done():
                     self._close_fd()
 
-    async def _read(self, size: int) -> bytes:
+    async def _ready(self, size: int) -> int | bytes:
+        """With the stream held: the count of bytes ready (> 0), or data read in a race, or b"" at EOF."""
         while True:
             if self.eof or self._closing.done() or size == 0:
                 return b""
+            ready = fionread(self.fd)
+            if ready > 0:
+                return ready
+            # Nothing buffered: the writers are gone (EOF), or nothing was written yet.
             try:
                 data = os.read(self.fd, size)
             except BlockingIOError:
@@ -92,6 +231,14 @@ class OutputStream:
                     return b""
             else:
                 await self._wait(None, also=self._exited)
+
+    def _release(self) -> None:
+        self._lock.release()
+        if self._closing.done() and not self._lock.locked():
+            self._close_fd()
+
+    def _spliced(self, exc: BaseException | None) -> None:
+        self._release()
 
     async def _wait(self, timeout: float | None, also: asyncio.Future | None = None) -> bool:
         """Wait for output (True), or timeout / exit / close (False)."""

@@ -158,6 +158,16 @@ VALID = [
     ("agent.policy_file=/etc/kata-opa/p.rego", "policy_file", "/etc/kata-opa/p.rego"),
     ("agent.cgroup_parent=kata", "cgroup_parent", "kata"),
     ("agent.cgroup_parent=/a/b/", "cgroup_parent", "a/b"),
+    ("agent.ttrpc_max_connections=8", "ttrpc_max_connections", 8),
+    ("agent.ttrpc_max_connections=1048576", "ttrpc_max_connections", 1 << 20),
+    ("agent.ttrpc_max_inflight=1", "ttrpc_max_inflight", 1),
+    ("agent.ttrpc_max_inflight_total=100", "ttrpc_max_inflight_total", 100),
+    ("agent.ttrpc_max_inflight_bytes=4096", "ttrpc_max_inflight_bytes", 4096),
+    ("agent.ttrpc_max_inflight_bytes=1073741824", "ttrpc_max_inflight_bytes", 1 << 30),
+    ("agent.ttrpc_max_message_size=65536", "ttrpc_max_message_size", 65536),
+    ("agent.ttrpc_max_message_size=4194304", "ttrpc_max_message_size", 4 << 20),
+    ("agent.ttrpc_frame_timeout=5s", "ttrpc_frame_timeout", 5.0),
+    ("agent.ttrpc_frame_timeout=2", "ttrpc_frame_timeout", 2.0),
 ]
 
 
@@ -207,6 +217,16 @@ INVALID = [
     ("agent.config_file=", "config_file", "empty path"),
     ("agent.cgroup_parent=../x", "cgroup_parent", "invalid cgroup name"),
     ("agent.cgroup_parent=/", "cgroup_parent", "invalid cgroup name"),
+    ("agent.ttrpc_max_connections=0", "ttrpc_max_connections", "must be at least 1"),
+    ("agent.ttrpc_max_connections=-3", "ttrpc_max_connections", "must not be negative"),
+    ("agent.ttrpc_max_connections=1048577", "ttrpc_max_connections", "out of range"),
+    ("agent.ttrpc_max_inflight=many", "ttrpc_max_inflight", "invalid number"),
+    ("agent.ttrpc_max_inflight_total=0", "ttrpc_max_inflight_total", "must be at least 1"),
+    ("agent.ttrpc_max_inflight_bytes=100", "ttrpc_max_inflight_bytes", "must be at least 4096"),
+    ("agent.ttrpc_max_message_size=4194305", "ttrpc_max_message_size", "out of range"),
+    ("agent.ttrpc_max_message_size=10", "ttrpc_max_message_size", "must be at least 4096"),
+    ("agent.ttrpc_frame_timeout=0", "ttrpc_frame_timeout", "greater than zero"),
+    ("agent.ttrpc_frame_timeout=soon", "ttrpc_frame_timeout", "invalid duration"),
 ]
 
 
@@ -567,11 +587,27 @@ def test_to_json_dict():
         "debug_console_addr", "log_addr", "metrics_addr", "trace_addr", "trace_file",
         "server_addr", "tracing", "hotplug_timeout", "unified_cgroup_hierarchy",
         "container_pipe_size", "passfd_listener_port", "config_file", "policy_file",
-        "cgroup_parent", "warnings",
+        "cgroup_parent", "ttrpc_max_connections", "ttrpc_max_inflight", "ttrpc_max_inflight_total",
+        "ttrpc_max_inflight_bytes", "ttrpc_max_message_size", "ttrpc_frame_timeout", "warnings",
     }
     assert d["hotplug_timeout"] == 60.0 and isinstance(d["hotplug_timeout"], float)
     assert d["warnings"] == ["unknown option agent.foo"]
     assert json.loads(json.dumps(d)) == d
+
+
+def test_ttrpc_limits_defaults_warnings_and_toml(tmp_path):
+    from kagent.ttrpc.limits import Limits
+
+    assert Limits.from_config(DEFAULT) == Limits()  # one set of defaults, in both places
+    assert cmd("agent.ttrpc_frame_timeout=0").warnings == (
+        "agent.ttrpc_frame_timeout=0: duration must be greater than zero, using 30s",)
+    path = write(tmp_path, "ttrpc_max_connections = 3\nttrpc_frame_timeout = '1m'\n"
+                           "ttrpc_max_message_size = 65536\n")
+    cfg = load(cmdline="", config_file=path, environ={})
+    assert cfg.warnings == ()
+    limits = Limits.from_config(cfg)
+    assert (limits.max_connections, limits.frame_timeout, limits.max_message) == (3, 60.0, 65536)
+    assert cfg.to_json_dict()["ttrpc_frame_timeout"] == 60.0
 
 
 def test_option_table_covers_every_field():

@@ -15,6 +15,7 @@ from kagent import cgroups, oci
 from kagent.devices import handlers
 from kagent.errors import FailedPrecondition, InvalidArgument, Unavailable, Unimplemented
 from kagent.protocols import agent_pb2
+from kagent.ttrpc.server import eager
 
 if TYPE_CHECKING:
     from kagent.agent import Agent
@@ -81,23 +82,26 @@ class ContainerService:
 
     # -- stdio ------------------------------------------------------------------
 
-    async def _read(self, req: agent_pb2.ReadStreamRequest, stderr: bool) -> agent_pb2.ReadStreamResponse:
+    async def _read(self, req: agent_pb2.ReadStreamRequest, ctx, stderr: bool):
         container = self.sandbox.get(req.container_id)
         proc = container.find_stream_owner(req.exec_id)
         stream = proc.stdout if (proc.terminal or not stderr) else proc.stderr
         if stream is None:
             raise FailedPrecondition(f"process {proc.exec_id} has no {'stderr' if stderr else 'stdout'}")
         try:
-            data = await stream.read(req.len)
+            # Output already in the pipe gives a reply that the connection sends
+            # straight from the pipe (kagent.stdio.PipeReply), without a task.
+            return await stream.reply(req.len, ctx.connection)
         finally:
             container.after_read(proc)
-        return agent_pb2.ReadStreamResponse(data=data)
 
+    @eager
     async def ReadStdout(self, req: agent_pb2.ReadStreamRequest, ctx):
-        return await self._read(req, stderr=False)
+        return await self._read(req, ctx, stderr=False)
 
+    @eager
     async def ReadStderr(self, req: agent_pb2.ReadStreamRequest, ctx):
-        return await self._read(req, stderr=True)
+        return await self._read(req, ctx, stderr=True)
 
     async def WriteStdin(self, req: agent_pb2.WriteStreamRequest, ctx):
         proc = self.sandbox.get(req.container_id).find(req.exec_id)
