@@ -33,7 +33,8 @@ DEFAULT_RUN_DIR = "/run/kata-containers"
 
 
 def check_id(kind: str, value: str, pattern: re.Pattern = ID_RE) -> str:
-    if not pattern.match(value or "") or len(value) > 256:
+    # fullmatch: with match(), "$" would also accept an id ending in a newline.
+    if not pattern.fullmatch(value or "") or len(value) > 256:
         raise InvalidArgument(f"invalid {kind} {value!r}: must match {pattern.pattern}")
     return value
 

@@ -67,12 +67,8 @@ async def test_ids_that_try_to_escape_are_refused(agent):
     assert snapshot(agent.outside) == [os.path.join(agent.outside, "sentinel")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: kagent/sandbox.py checks ids with re.match and a pattern ending in '$', which also "
-    "matches before a final newline: 'ab\\n' is accepted as a container id (a bundle directory "
-    "and a cgroup named with a newline; the cgroup mkdir fails with INTERNAL).  Fix: "
-    "pattern.fullmatch(value)"))
 async def test_an_id_with_a_trailing_newline_is_refused(agent):
+    """Regression (fuzzing found it): "ab\\n" used to pass the id check (re.match with "$")."""
     calls = harness.Calls(await agent.connect())
     with pytest.raises(RpcError) as err:
         await calls.create("ab\n", devtools.default_spec(agent.rootfs, ["/bin/true"]))
