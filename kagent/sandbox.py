@@ -129,6 +129,7 @@ class Sandbox:
                                                  cgroup_parent=self.agent.config.cgroup_parent)
             container.add(Process.from_reply(cid, reply, fds, is_init=True))
             container.attach_cgroup(self.agent.config.cgroup_parent, reply.get("cgroup_path") or "")
+            self._watch_oom(container)
             for warning in reply.get("warnings") or ():
                 _log.warning("container set-up", container_id=cid, warning=warning)
             container.state = "created"
@@ -137,6 +138,7 @@ class Sandbox:
             _log.info("container created", container_id=cid, init_pid=reply["pid"], worker_pid=worker_pid)
             return container
         except BaseException:
+            self.agent.oom_events.unwatch(cid)
             if channel is not None:
                 channel.close()  # EOF: the worker kills what it made and exits
             if stored:  # before the bundle: a storage may be mounted inside it
@@ -146,6 +148,16 @@ class Sandbox:
         finally:
             self._creating.discard(cid)
 
+    def _watch_oom(self, container: Container) -> None:
+        """Watch for OOM kills before the init can run: one that came before the watch
+        (a container that allocates at once) would never be reported."""
+        if container.cgroup is None:
+            return
+        try:
+            self.agent.oom_events.watch(container.cid, container.cgroup.oom_watch())
+        except Exception as exc:  # OOM reporting is best effort; the container runs
+            _log.warning("no OOM events for this container", container_id=container.cid, error=str(exc))
+
     async def start_container(self, cid: str) -> None:
         container = self.get(cid)
         async with container.lock:
@@ -153,11 +165,6 @@ class Sandbox:
                 raise FailedPrecondition(f"container {cid} is {container.state}, not created")
             await container.request("start")
             container.state = "running"
-        if container.cgroup is not None:
-            try:
-                self.agent.oom_events.watch(cid, container.cgroup.oom_watch())
-            except Exception as exc:  # OOM reporting is best effort; the container runs
-                _log.warning("no OOM events for this container", container_id=cid, error=str(exc))
 
     async def exec_process(self, cid: str, exec_id: str, process: dict[str, Any], *, pipe_size: int) -> Process:
         container = self.get(cid)
