@@ -97,19 +97,18 @@ class V1OomWatch(OomWatch):
 
     def read(self) -> int:
         try:
-            os.eventfd_read(self.fileno())
+            notified = os.eventfd_read(self.fileno())
         except BlockingIOError:
             return 0
         flat = _read_flat(self._control)
         if flat is None:  # the eventfd also fires when the cgroup is removed
             self.closed_by_kernel = True
             return 0
+        # The kernel signals when the cgroup enters OOM, before the killer has counted its
+        # kill in oom_kill: each notification is an event (as upstream), not the counter.
         kills = flat.get("oom_kill", self._seen)
-        new = max(0, kills - self._seen)
-        self._seen = kills
-        if new == 0 and flat.get("under_oom", 0):
-            return 1  # OOM with the killer disabled: an event all the same
-        return new
+        self._seen = max(self._seen, kills)
+        return max(1, int(notified))
 
 
 class V2OomWatch(OomWatch):
