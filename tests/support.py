@@ -48,3 +48,27 @@ class AgentProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def busybox_rootfs(prefix: str):
+    """A session-long busybox rootfs for a test folder's ``rootfs`` fixture (skips without busybox)."""
+    import contextlib
+    import shutil
+    import tempfile
+
+    import pytest
+
+    from kagent import devtools
+
+    @contextlib.contextmanager
+    def made():
+        if devtools.find_busybox() is None:
+            pytest.skip("busybox is not installed (apt-get install busybox-static)")
+        top = tempfile.mkdtemp(prefix=prefix)
+        os.chmod(top, 0o755)
+        try:
+            yield devtools.build_busybox_rootfs(os.path.join(top, "rootfs"))
+        finally:
+            shutil.rmtree(top, ignore_errors=True)
+
+    return made()

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 
 import pytest
 from e2e import Agent
-
-from kagent import devtools
+from support import busybox_rootfs
 
 
 @pytest.fixture(scope="session")
 def rootfs():
-    if devtools.find_busybox() is None:
-        pytest.skip("busybox is not installed (apt-get install busybox-static)")
-    top = tempfile.mkdtemp(prefix="kagent-e2e-rootfs-")
-    os.chmod(top, 0o755)
-    try:
-        yield devtools.build_busybox_rootfs(os.path.join(top, "rootfs"))
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+    with busybox_rootfs("kagent-e2e-rootfs-") as path:
+        yield path
 
 
 @pytest.fixture

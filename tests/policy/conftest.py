@@ -8,20 +8,13 @@ import tempfile
 
 import pytest
 from policy_harness import AgentProc
-
-from kagent import devtools
+from support import busybox_rootfs
 
 
 @pytest.fixture(scope="session")
 def rootfs():
-    if devtools.find_busybox() is None:
-        pytest.skip("busybox is not installed (apt-get install busybox-static)")
-    top = tempfile.mkdtemp(prefix="kagent-policy-rootfs-")
-    os.chmod(top, 0o755)
-    try:
-        yield devtools.build_busybox_rootfs(os.path.join(top, "rootfs"))
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+    with busybox_rootfs("kagent-policy-rootfs-") as path:
+        yield path
 
 
 @pytest.fixture
