@@ -106,9 +106,7 @@ class RpcMetrics:
         try:
             return await call_next()
         except asyncio.CancelledError:
-            deadline = ctx.deadline
-            late = deadline is not None and asyncio.get_running_loop().time() >= deadline
-            code = "DEADLINE_EXCEEDED" if late else "CANCELLED"
+            code = "DEADLINE_EXCEEDED" if ctx.expired() else "CANCELLED"
             raise
         except BaseException as exc:
             code = status_of(exc)[0].name

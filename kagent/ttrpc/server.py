@@ -77,6 +77,11 @@ class Context:
     method: str
     metadata: dict[str, list[str]] = field(default_factory=dict)
     deadline: float | None = None  # loop.time() at which the caller gives up
+    timer: asyncio.Timeout | None = None  # enforces the deadline once the request runs in a task
+
+    def expired(self) -> bool:
+        """Whether the deadline cancelled the handler (timers may fire a little before ``deadline``)."""
+        return self.timer is not None and self.timer.expired()
 
     @property
     def request_name(self) -> str:
@@ -331,7 +336,7 @@ class Connection(asyncio.Protocol):
         response = None
         try:
             if ctx.deadline is not None:
-                async with asyncio.timeout_at(ctx.deadline):
+                async with asyncio.timeout_at(ctx.deadline) as ctx.timer:
                     response = await call
             else:
                 response = await call
