@@ -56,6 +56,7 @@ class Agent:
         self.console = None  # kagent.console.DebugConsole when agent.debug_console
         self.log_forwarder = None  # kagent.logforward.LogForwarder when agent.log_vport
         self.metrics_endpoint = None  # kagent.rpcmetrics.MetricsEndpoint when agent.metrics_addr
+        self.passfd = None  # kagent.passfd.Listener when agent.passfd_listener_port
         self._stop = asyncio.Event()
         self.exit_code = 0
 
@@ -94,6 +95,7 @@ class Agent:
         self.sandbox = Sandbox(self, self.run_dir)
         self._check_pipe_size()
         self._start_uevents()  # before serving: no hot-plug event may be missed
+        self._start_passfd()
         await self._start_observability()
         routes = build_routes(self.services())
         # The policy innermost: what it refuses is still traced and counted by the others.
@@ -178,6 +180,22 @@ class Agent:
         if tracing.enabled():
             await asyncio.to_thread(tracing.shutdown)  # flushes the spans still queued
 
+    def _start_passfd(self) -> None:
+        """The listener for direct stdio streams; without it, requests naming ports fail clearly."""
+        cfg = self.config
+        if not (cfg.passfd_listener_port or cfg.passfd_listener_addr):
+            return
+        from kagent import passfd
+
+        listener = passfd.Listener(cfg.passfd_listener_addr or f"vsock://-1:{cfg.passfd_listener_port}")
+        try:
+            listener.start()
+        except (OSError, ValueError) as exc:
+            _log.error("passfd listener not started: direct stdio streams unavailable",
+                       address=str(listener.address), error=str(exc))
+            return
+        self.passfd = listener
+
     def _start_uevents(self) -> None:
         self.uevents = UeventListener(self.devices)
         try:
@@ -195,6 +213,9 @@ class Agent:
             await self.server.close()
         if self.sandbox is not None:
             await self.sandbox.destroy()
+        if self.passfd is not None:
+            self.passfd.close()
+            self.passfd = None
         for problem in await self.storages.destroy_all():
             _log.warning("storage not released", problem=problem)
         await self.pod.destroy()

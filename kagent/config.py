@@ -64,6 +64,7 @@ class AgentConfig:
     unified_cgroup_hierarchy: bool = False
     container_pipe_size: int = 0
     passfd_listener_port: int = 0
+    passfd_listener_addr: str | None = None  # tests/developers: the passfd listener on unix:///path
     config_file: str | None = None
     policy_file: str | None = None
     cgroup_parent: str = "kagent"  # top-level cgroup that kagent owns in each hierarchy
@@ -415,6 +416,8 @@ OPTIONS: tuple[Option, ...] = (
            toml="container_pipe_size"),
     Option("passfd_listener_port", _p_port, cmdline=("agent.passfd_listener_port",),
            toml="passfd_listener_port"),
+    Option("passfd_listener_addr", _p_listen_addr, cmdline=("agent.passfd_listener_addr",),
+           toml="passfd_listener_addr", env="KAGENT_PASSFD_LISTENER_ADDR"),
     Option("config_file", _p_path, cmdline=("agent.config_file",)),
     Option("policy_file", _p_path, cmdline=("agent.policy_file",), toml="policy_file",
            env="KATA_AGENT_POLICY_FILE"),

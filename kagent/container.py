@@ -16,7 +16,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from kagent import ipc
+from kagent import ipc, passfd
 from kagent import log as klog
 from kagent.errors import (
     AgentError,
@@ -65,6 +65,10 @@ class Process:
     is_init: bool = False
     waited: bool = False
     closed: bool = field(default=False, repr=False)
+    # Direct stdio streams (agent.passfd_listener_port): the stdio names pumped to the host's
+    # own streams, which ReadStdout/WriteStdin must not touch, and the pumps.
+    direct: frozenset[str] = frozenset()
+    streams: passfd.Streams | None = field(default=None, repr=False)
 
     @classmethod
     def from_reply(cls, exec_id: str, reply: dict, fds: list[int], *, is_init: bool = False) -> Process:
@@ -91,14 +95,36 @@ class Process:
         if not self.exited.done():
             self.exited.set_result(status)
 
+    def attach_streams(self, claimed: passfd.Claimed) -> None:
+        """Pump this process's stdio to the host streams ``claimed`` (a kagent.passfd.Claimed)."""
+        self.direct = claimed.names
+        self.streams = passfd.attach(claimed, self)
+
+    def check_served(self, name: str) -> None:
+        """ReadStdout/WriteStdin on a stdio that goes to a direct stream would race its pump."""
+        if name in self.direct or (self.terminal and name in ("stdout", "stderr") and "stdout" in self.direct):
+            raise FailedPrecondition(f"{name} of process {self.exec_id} goes to a direct stream "
+                                     f"(passfd), not through the {'read' if name != 'stdin' else 'write'} RPCs")
+
+    async def exit_status(self) -> int:
+        """The exit status, once the process exited and its direct output streams are flushed
+        (as upstream: the host sees the exit only after the last byte of output)."""
+        status = await asyncio.shield(self.exited)
+        if self.streams is not None:
+            await asyncio.shield(self.streams.outputs_done())
+        return int(status)
+
     @property
     def drained(self) -> bool:
-        return all(s is None or s.eof for s in (self.stdout, self.stderr))
+        return all(s is None or s.eof or name in self.direct
+                   for name, s in (("stdout", self.stdout), ("stderr", self.stderr)))
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.streams is not None:
+            self.streams.close()
         for stream in (self.stdin, self.stdout, self.stderr):
             if stream is not None:
                 stream.close()

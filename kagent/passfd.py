@@ -41,6 +41,7 @@ _log = klog.get_logger("passfd")
 CHUNK = 1 << 20
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 TAKE_ATTEMPTS, TAKE_INTERVAL = 3, 0.1  # upstream retries 3 times, 100 ms apart
+MAX_UNCLAIMED = 256  # streams filed but not yet claimed; beyond it the oldest is closed
 EXIT_DRAIN = 0.5  # after the process exited, output may still come this long (a lingering child)
 
 
@@ -106,6 +107,10 @@ class Listener:
                 old.close()
             conn.setblocking(False)
             self._streams[port] = conn
+            if len(self._streams) > MAX_UNCLAIMED:  # a peer that connects and never claims: bounded
+                oldest = next(iter(self._streams))
+                _log.warning("too many unclaimed passfd streams: the oldest closed", port=oldest)
+                self._streams.pop(oldest).close()
             self._arrived.set()
         self._arrived = asyncio.Event() if self._arrived.is_set() else self._arrived
 
@@ -282,23 +287,49 @@ class Streams:
             p.cancel()
 
 
-async def attach(listener: Listener, proc: Any, *, stdin_port: int = 0, stdout_port: int = 0,
-                 stderr_port: int = 0) -> Streams:
-    """Claim the host's streams for ``proc`` (a kagent.container.Process) and start pumping.
+class Claimed:
+    """The host's streams for one process, taken before the process exists.
 
-    The pumps work on duplicates of the process's stdio descriptors.  When the
-    stdin stream ends, the process's stdin is closed (for a terminal: an EOF
-    character).  ReadStdout/WriteStdin must not be used on a stream pumped here.
+    Taking them first means a missing stream fails ExecProcess/CreateContainer
+    before anything runs; ``release`` gives them back (closes them) when the
+    process could not be made.
     """
+
+    def __init__(self, socks: dict[str, socket.socket]) -> None:
+        self.socks = socks
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self.socks)
+
+    def release(self) -> None:
+        for s in self.socks.values():
+            s.close()
+        self.socks.clear()
+
+
+async def claim(listener: Listener, *, stdin_port: int = 0, stdout_port: int = 0,
+                stderr_port: int = 0) -> Claimed:
+    """Take the streams the host connected for a process (0 = that stdio has none)."""
     socks: dict[str, socket.socket] = {}
     try:
         for name, port in (("stdin", stdin_port), ("stdout", stdout_port), ("stderr", stderr_port)):
             if port:
                 socks[name] = await listener.take(port)
     except BaseException:
-        for s in socks.values():
-            s.close()
+        Claimed(socks).release()
         raise
+    return Claimed(socks)
+
+
+def attach(claimed: Claimed, proc: Any) -> Streams:
+    """Start pumping between ``claimed``'s streams and ``proc``'s stdio (a kagent.container.Process).
+
+    The pumps work on duplicates of the process's stdio descriptors.  When the
+    stdin stream ends, the process's stdin is closed (for a terminal: an EOF
+    character).  ReadStdout/WriteStdin must not be used on a stream pumped here.
+    """
+    socks, claimed.socks = claimed.socks, {}
     pumps: list[Pump] = []
     label = f"{getattr(proc, 'exec_id', '?')}"
     pty = bool(getattr(proc, "terminal", False))

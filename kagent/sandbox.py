@@ -15,7 +15,7 @@ import re
 import signal
 from typing import TYPE_CHECKING, Any
 
-from kagent import ipc
+from kagent import ipc, passfd
 from kagent import log as klog
 from kagent.container import Container, Process
 from kagent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -100,7 +100,7 @@ class Sandbox:
     # -- life cycle ----------------------------------------------------------
 
     async def create_container(self, cid: str, spec: dict[str, Any], *, pipe_size: int, storages=(),
-                               sandbox_pidns: bool = False) -> Container:
+                               sandbox_pidns: bool = False, ports: dict[str, int] | None = None) -> Container:
         check_id("container id", cid)
         if cid in self.containers or cid in self._creating:
             raise AlreadyExists(f"container {cid} already exists")
@@ -111,7 +111,9 @@ class Sandbox:
         self._creating.add(cid)
         channel = None
         stored = False
+        claimed = None
         try:
+            claimed = await self.claim_streams(ports or {})
             pod = self.agent.pod
             pidns = None
             if (sandbox_pidns or pod.sandbox_pidns) and self.first_cid and cid != self.first_cid:
@@ -127,7 +129,10 @@ class Sandbox:
             channel.on_event = container.on_event
             reply, fds = await container.request("create", spec=spec, bundle=bundle, pipe_size=pipe_size,
                                                  cgroup_parent=self.agent.config.cgroup_parent)
-            container.add(Process.from_reply(cid, reply, fds, is_init=True))
+            init = Process.from_reply(cid, reply, fds, is_init=True)
+            if claimed is not None:
+                init.attach_streams(claimed)
+            container.add(init)
             container.attach_cgroup(self.agent.config.cgroup_parent, reply.get("cgroup_path") or "")
             self._watch_oom(container)
             for warning in reply.get("warnings") or ():
@@ -138,6 +143,8 @@ class Sandbox:
             _log.info("container created", container_id=cid, init_pid=reply["pid"], worker_pid=worker_pid)
             return container
         except BaseException:
+            if claimed is not None:
+                claimed.release()  # a no-op once the pumps own them
             self.agent.oom_events.unwatch(cid)
             if channel is not None:
                 channel.close()  # EOF: the worker kills what it made and exits
@@ -166,7 +173,18 @@ class Sandbox:
             await container.request("start")
             container.state = "running"
 
-    async def exec_process(self, cid: str, exec_id: str, process: dict[str, Any], *, pipe_size: int) -> Process:
+    async def claim_streams(self, ports: dict[str, int]):
+        """The host's direct stdio streams for a new process (kagent.passfd), or None without ports."""
+        if not any(ports.values()):
+            return None
+        listener = self.agent.passfd
+        if listener is None:
+            raise FailedPrecondition("direct stdio streams (stdin/stdout/stderr_port) need the passfd "
+                                     "listener: agent.passfd_listener_port is not set")
+        return await passfd.claim(listener, **{f"{name}_port": port for name, port in ports.items()})
+
+    async def exec_process(self, cid: str, exec_id: str, process: dict[str, Any], *, pipe_size: int,
+                           ports: dict[str, int] | None = None) -> Process:
         container = self.get(cid)
         check_id("exec id", exec_id, EXEC_ID_RE)
         if exec_id in container.processes or exec_id == cid:
@@ -175,8 +193,17 @@ class Sandbox:
             raise FailedPrecondition(f"container {cid} is {container.state}, not running")
         if not process.get("args"):
             raise InvalidArgument(f"exec {exec_id}: process.args is empty")
-        reply, fds = await container.request("exec", exec_id=exec_id, process=process, pipe_size=pipe_size)
-        proc = Process.from_reply(exec_id, reply, fds)
+        # The streams first: a missing one fails the call before the process runs.
+        claimed = await self.claim_streams(ports or {})
+        try:
+            reply, fds = await container.request("exec", exec_id=exec_id, process=process, pipe_size=pipe_size)
+            proc = Process.from_reply(exec_id, reply, fds)
+        except BaseException:
+            if claimed is not None:
+                claimed.release()
+            raise
+        if claimed is not None:
+            proc.attach_streams(claimed)
         container.add(proc)
         return proc
 
@@ -196,9 +223,9 @@ class Sandbox:
     async def wait_process(self, cid: str, exec_id: str) -> int:
         container = self.get(cid)
         proc = container.find(exec_id)
-        status = await asyncio.shield(proc.exited)
+        status = await proc.exit_status()
         container.retire(proc)
-        return int(status)
+        return status
 
     async def remove_container(self, cid: str, timeout: float) -> None:
         container = self.get(cid)

@@ -135,7 +135,7 @@ async def test_attach_pumps_a_real_process_both_ways(tmp_sock_dir):
                            stdout=stdio.OutputStream(out_r, exited), stderr=stdio.OutputStream(err_r, exited))
     path = listener.address.path
     h_in, h_out, h_err = [await host_stream(path, n, p) for n, p in (("in", 5001), ("out", 5002), ("err", 5003))]
-    streams = await passfd.attach(listener, proc, stdin_port=5001, stdout_port=5002, stderr_port=5003)
+    streams = passfd.attach(await passfd.claim(listener, stdin_port=5001, stdout_port=5002, stderr_port=5003), proc)
     try:
         data = os.urandom(2 * MiB + 3)
         reader = asyncio.create_task(recv_all(h_out))
@@ -170,7 +170,7 @@ async def test_attach_with_a_terminal_copies_through_the_pty(tmp_sock_dir):
     proc = SimpleNamespace(exec_id="t1", terminal=True, exited=exited,
                            stdin=stdio.InputStream(master, pty=True, owns_fd=True), stdout=out, stderr=None)
     h_out = await host_stream(listener.address.path, "tout", 5102)
-    streams = await passfd.attach(listener, proc, stdout_port=5102)
+    streams = passfd.attach(await passfd.claim(listener, stdout_port=5102), proc)
     try:
         os.write(slave, b"from the terminal")
         got = b""

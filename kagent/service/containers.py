@@ -13,7 +13,7 @@ from google.protobuf.json_format import MessageToDict
 
 from kagent import cgroups, oci
 from kagent.devices import handlers
-from kagent.errors import FailedPrecondition, InvalidArgument, Unavailable, Unimplemented
+from kagent.errors import FailedPrecondition, InvalidArgument, Unavailable
 from kagent.protocols import agent_pb2
 from kagent.ttrpc.server import eager
 
@@ -39,8 +39,6 @@ class ContainerService:
     # -- life cycle ------------------------------------------------------------
 
     async def CreateContainer(self, req: agent_pb2.CreateContainerRequest, ctx):
-        if req.stdin_port or req.stdout_port or req.stderr_port:
-            raise Unimplemented("direct stdio streams (passfd ports) are not supported by kagent yet")
         if not req.HasField("OCI"):
             raise InvalidArgument("CreateContainer needs an OCI spec")
         spec = oci.spec_to_dict(req.OCI)
@@ -50,7 +48,8 @@ class ContainerService:
             # Wait for each hot-plugged device; the spec gets the guest's major/minor.
             await handlers.add_devices(self.agent.devices, req.devices, spec)
         await self.sandbox.create_container(req.container_id, spec, pipe_size=self._pipe_size(),
-                                            storages=req.storages, sandbox_pidns=req.sandbox_pidns)
+                                            storages=req.storages, sandbox_pidns=req.sandbox_pidns,
+                                            ports=_ports(req))
         return EMPTY
 
     async def StartContainer(self, req: agent_pb2.StartContainerRequest, ctx):
@@ -62,14 +61,13 @@ class ContainerService:
         return EMPTY
 
     async def ExecProcess(self, req: agent_pb2.ExecProcessRequest, ctx):
-        if req.stdin_port or req.stdout_port or req.stderr_port:
-            raise Unimplemented("direct stdio streams (passfd ports) are not supported by kagent yet")
         if not req.HasField("process"):
             raise InvalidArgument("ExecProcess needs a process")
         process = oci.process_to_dict(req.process)
         if req.HasField("string_user"):
             process["stringUser"] = _string_user(req.string_user)
-        await self.sandbox.exec_process(req.container_id, req.exec_id, process, pipe_size=self._pipe_size())
+        await self.sandbox.exec_process(req.container_id, req.exec_id, process, pipe_size=self._pipe_size(),
+                                        ports=_ports(req))
         return EMPTY
 
     async def SignalProcess(self, req: agent_pb2.SignalProcessRequest, ctx):
@@ -85,6 +83,7 @@ class ContainerService:
     async def _read(self, req: agent_pb2.ReadStreamRequest, ctx, stderr: bool):
         container = self.sandbox.get(req.container_id)
         proc = container.find_stream_owner(req.exec_id)
+        proc.check_served("stderr" if stderr else "stdout")
         stream = proc.stdout if (proc.terminal or not stderr) else proc.stderr
         if stream is None:
             raise FailedPrecondition(f"process {proc.exec_id} has no {'stderr' if stderr else 'stdout'}")
@@ -107,6 +106,7 @@ class ContainerService:
         proc = self.sandbox.get(req.container_id).find(req.exec_id)
         if proc.stdin is None:
             raise FailedPrecondition(f"process {proc.exec_id} has no stdin")
+        proc.check_served("stdin")
         if not req.data:
             proc.stdin.close()  # empty data is how the host says end-of-input
             return agent_pb2.WriteStreamResponse(len=0)
@@ -118,6 +118,7 @@ class ContainerService:
 
     async def CloseStdin(self, req: agent_pb2.CloseStdinRequest, ctx):
         proc = self.sandbox.get(req.container_id).find(req.exec_id)
+        proc.check_served("stdin")  # a direct stdin ends when the host closes its stream
         if proc.stdin is not None:
             proc.stdin.close()
         return EMPTY
@@ -157,6 +158,11 @@ class ContainerService:
         # ``wait`` is ignored, as upstream: the call is always synchronous.
         await self.sandbox.online_cpu_mem(req.nb_cpus, req.cpu_only)
         return EMPTY
+
+
+def _ports(req) -> dict[str, int]:
+    """The passfd ports of a CreateContainer/ExecProcess request (0 = that stdio uses the RPCs)."""
+    return {"stdin": req.stdin_port, "stdout": req.stdout_port, "stderr": req.stderr_port}
 
 
 def _string_user(su: agent_pb2.StringUser) -> dict:
