@@ -586,7 +586,7 @@ def test_to_json_dict():
         "log_level", "dev_mode", "debug_console", "debug_console_vport", "log_vport",
         "debug_console_addr", "log_addr", "metrics_addr", "trace_addr", "trace_file",
         "server_addr", "tracing", "hotplug_timeout", "unified_cgroup_hierarchy",
-        "container_pipe_size", "passfd_listener_port", "config_file", "policy_file",
+        "container_pipe_size", "passfd_listener_port", "passfd_listener_addr", "config_file", "policy_file",
         "cgroup_parent", "ttrpc_max_connections", "ttrpc_max_inflight", "ttrpc_max_inflight_total",
         "ttrpc_max_inflight_bytes", "ttrpc_max_message_size", "ttrpc_frame_timeout", "warnings",
     }
