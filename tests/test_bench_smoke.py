@@ -21,7 +21,7 @@ def test_every_benchmark_runs_quick_and_the_table_is_written(tmp_path):
     with open(tmp_path / "results.json") as f:
         results = json.load(f)["results"]
     names = [r["name"] for r in results]
-    for expected in ("stdio", "rpc", "lifecycle", "exec", "memory", "startup", "fastpath"):
+    for expected in ("stdio", "passfd", "rpc", "lifecycle", "exec", "memory", "startup", "fastpath"):
         assert expected in names, names
     for res in results:
         for row in res["rows"]:
