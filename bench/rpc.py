@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -227,14 +228,19 @@ async def _measure(servers: dict[str, str], quick: bool) -> dict:
 
 def run(quick: bool = False) -> dict:
     echo = EchoProc()
-    agent = None
+    agent = traced = None
+    spans = tempfile.mkdtemp(prefix="kbench-spans-", dir="/tmp")
     try:
         agent = AgentProc()
-        summary = uvloop.run(_measure({"agent": agent.sock, "echo": echo.addr}, quick))
+        # The same agent with tracing on (spans to a file): what agent.trace costs per RPC.
+        traced = AgentProc(f"agent.trace agent.trace_file={spans}/spans.jsonl")
+        summary = uvloop.run(_measure({"agent": agent.sock, "echo": echo.addr, "traced": traced.sock}, quick))
     finally:
-        if agent is not None:
-            agent.stop()
+        for proc in (agent, traced):
+            if proc is not None:
+                proc.stop()
         echo.stop()
+        shutil.rmtree(spans, ignore_errors=True)
     rows = []
     for conc, many in CASES:
         key = f"c{conc}_{'many' if many else 'one'}"
@@ -244,6 +250,14 @@ def run(quick: bool = False) -> dict:
                               baseline_name="uvloop echo", target="≤ 1.2x", at_most=1.2))
         rows.append(ratio_row(f"Health.Check p99, {conc} in flight, {where}", a["p99_us"], e["p99_us"], "µs",
                               baseline_name="uvloop echo", target="≤ 1.5x", at_most=1.5))
+    on, off = summary["traced"]["c1_one"], summary["agent"]["c1_one"]
+    for q in ("p50", "p99"):
+        rows.append(ratio_row(f"Health.Check {q}, 1 in flight, agent.trace on (file exporter)", on[f"{q}_us"],
+                              off[f"{q}_us"], "µs", baseline_name="agent.trace off", target="(reported)",
+                              note="tracing off puts no interceptor and no span on the RPC path"))
+    rows.append(ratio_row("Health.Check pipelined 256 deep, agent.trace on", summary["traced"]["pipelined_256"],
+                          summary["agent"]["pipelined_256"], "req/s", baseline_name="agent.trace off",
+                          target="(reported)"))
     thr = summary["agent"]["pipelined_256"]
     rows.append(absolute_row("Health.Check pipelined 256 deep, 1 conn", thr, "req/s", target="≥ 250,000 req/s",
                              at_least=250_000,
