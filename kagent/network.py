@@ -31,10 +31,7 @@ import threading
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kagent import log as klog
 from kagent.errors import (
@@ -47,6 +44,9 @@ from kagent.errors import (
     Unimplemented,
 )
 from kagent.protocols import agent_pb2, types_pb2
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 _log = klog.get_logger("network")
 T = TypeVar("T")
@@ -78,12 +78,19 @@ _ERRNO_ERRORS: dict[int, type[AgentError]] = {
 }
 
 
+def _netlink_error() -> type[Exception]:
+    # pyroute2 takes ~80 ms to import: the first network call loads it, not the agent's start.
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return NetlinkError
+
+
 @contextmanager
 def _op(what: str, *, ignore: tuple[int, ...] = ()):
     """Turn a netlink failure of ``what`` into a domain error that names it."""
     try:
         yield
-    except NetlinkError as exc:
+    except _netlink_error() as exc:
         if exc.code in ignore:
             return
         reason = os.strerror(exc.code) if exc.code > 0 else "netlink error"
@@ -258,6 +265,8 @@ def _iproute():
     # pyroute2 drives its socket with an asyncio loop of its own in this thread.  Give it a
     # stdlib loop explicitly: under a uvloop policy it would get a uvloop loop, which cannot
     # open AF_NETLINK datagram endpoints.
+    from pyroute2 import IPRoute
+
     loop = asyncio.SelectorEventLoop()
     try:
         with IPRoute(use_event_loop=loop, ext_ack=True) as ipr:
@@ -389,7 +398,7 @@ class Network:
                 try:
                     ipr.link("set", index=other.index, ifname=other.name,
                              state="up" if other.flags & IFF_UP else "down")
-                except (NetlinkError, OSError) as exc:
+                except (_netlink_error(), OSError) as exc:
                     _log.warning("cannot restore a renamed link", name=other.name, error=str(exc))
             raise
         if other is not None:
