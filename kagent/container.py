@@ -28,28 +28,28 @@ from kagent.errors import (
     Unavailable,
 )
 from kagent.stdio import InputStream, OutputStream
+from kagent.ttrpc.codes import Code
 
 _log = klog.get_logger("container")
 
 KILLED = 128 + signal.SIGKILL
 
-# Worker error kinds → domain errors (the one place they are mapped).
+# Worker error kinds (the status code name of the domain error the worker raised) → domain
+# errors: the one place they are mapped.
 _ERRORS: dict[str, type[AgentError]] = {
-    "invalid": InvalidArgument,
-    "exists": AlreadyExists,
-    "state": FailedPrecondition,
-    "not_found": NotFound,
-    "timeout": DeadlineExceeded,
+    cls.code.name: cls
+    for cls in (InvalidArgument, AlreadyExists, FailedPrecondition, NotFound, DeadlineExceeded)
 }
 
 
 def worker_error(op: str, cid: str, err: dict) -> AgentError:
-    kind = err.get("kind")
+    kind = str(err.get("kind"))
     message = str(err.get("message") or "unknown error")
-    if kind == "setup":
-        cls: type[AgentError] = InvalidArgument if err.get("step") == "spec" else AgentError
-        return cls(f"{op} container {cid}: {message}")
-    return _ERRORS.get(str(kind), AgentError)(message)
+    if "step" in err:  # a set-up failure: say which container it was building
+        message = f"{op} container {cid}: {message}"
+    cls = _ERRORS.get(kind)
+    # Any other kind keeps its code (INTERNAL when it is none).
+    return cls(message) if cls is not None else AgentError(message, code=Code.__members__.get(kind))
 
 
 @dataclass

@@ -30,11 +30,11 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, kind: str, **fields: object) -> None:
+    def send(self, kind: str, /, **fields: object) -> None:  # fields may hold a "kind"
         fields["type"] = kind
         self.sock.send(json.dumps(fields).encode())
 
-    def send_fd(self, kind: str, fd: int, **fields: object) -> None:
+    def send_fd(self, kind: str, fd: int, /, **fields: object) -> None:
         """A message carrying one descriptor (SCM_RIGHTS): the console's pty master."""
         fields["type"] = kind
         socket.send_fds(self.sock, [json.dumps(fields).encode()], [fd])

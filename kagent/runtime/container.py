@@ -20,10 +20,12 @@ import signal
 from collections.abc import Callable
 from typing import NoReturn
 
+from kagent.errors import AgentError
+
 from . import hooks, namespaces, rootfs, seccomp, syscalls, system
 from . import process as proc
 from .channel import Channel, _Abandoned
-from .errors import SetupError, step
+from .errors import InvalidSpec, SetupError, step
 from .stdio import ChildStdio, receive_console
 
 log = logging.getLogger("kagent.runtime")
@@ -146,6 +148,11 @@ def exec_process(
     Returns the pid once the exec has happened; a failure before it raises
     SetupError and leaves nothing behind.  ``stdio`` is consumed.
     """
+    try:
+        proc.check(process)
+    except BaseException:
+        stdio.close()
+        raise
     parent, child = Channel.pair()
     try:
         target = None if namespaces.same_pid_ns(init_pid) else f"/proc/{init_pid}/ns/pid"
@@ -281,15 +288,16 @@ def _describe(status: int | None) -> str:
 def _check(spec: dict) -> namespaces.Plan:
     """What can be refused before forking anything."""
     if not isinstance(spec.get("process"), dict) or not spec["process"].get("args"):
-        raise SetupError("spec", "spec: process.args is required")
+        raise InvalidSpec("spec", "spec: process.args is required")
+    proc.check(spec["process"])
     plan = namespaces.plan(spec)
     linux = spec.get("linux") or {}
     if "user" in plan.new and not (linux.get("uidMappings") and linux.get("gidMappings")):
-        raise SetupError(
+        raise InvalidSpec(
             "spec", "spec: a new user namespace needs linux.uidMappings and linux.gidMappings"
         )
     if not plan.has("mount"):
-        raise SetupError("spec", "spec: a container needs a mount namespace of its own")
+        raise InvalidSpec("spec", "spec: a container needs a mount namespace of its own")
     system.check_sysctl(spec, plan)
     hooks.validate(spec)
     return plan
@@ -309,6 +317,8 @@ def _child(chan: Channel, body: Callable[[Channel], None]) -> NoReturn:
         code = 2  # the worker gave up on us (or died): nothing to report to
     except SetupError as exc:
         _report(chan, exc)
+    except AgentError as exc:  # another domain error: its code goes with it
+        _report(chan, SetupError("set-up", f"set-up: {exc.message}", code=exc.code))
     except OSError as exc:
         _report(chan, SetupError.from_oserror("set-up", exc))
     except BaseException as exc:  # a bug: say so rather than die silently

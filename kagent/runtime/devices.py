@@ -10,7 +10,7 @@ import os
 import stat
 
 from . import securejoin, syscalls
-from .errors import SetupError, step
+from .errors import InvalidSpec, step
 
 #: the devices every container gets (OCI runtime-spec "Default Devices")
 DEFAULT_DEVICES = [
@@ -62,7 +62,7 @@ def _create(rootfs: str, dev: dict) -> None:
     path = dev.get("path") or ""
     kind = dev.get("type")
     if not path.startswith("/dev/") or kind not in _TYPES:
-        raise SetupError(
+        raise InvalidSpec(
             "device",
             f"device: invalid entry {dev!r} (needs /dev/... and type c, b, u or p)",
             path=path,

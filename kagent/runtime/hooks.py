@@ -21,7 +21,7 @@ import os
 import subprocess
 from collections.abc import Callable
 
-from .errors import SetupError
+from .errors import InvalidSpec, SetupError
 
 Warn = Callable[[str], None]
 
@@ -51,14 +51,14 @@ def validate(spec: dict) -> None:
     """Reject malformed hooks before anything is created."""
     for kind, entries in (spec.get("hooks") or {}).items():
         if kind not in KINDS:
-            raise SetupError("hooks", f"hooks: unknown hook kind {kind!r}")
+            raise InvalidSpec("hooks", f"hooks: unknown hook kind {kind!r}")
         for hook in entries or []:
             path = hook.get("path") or ""
             if not os.path.isabs(path):
-                raise SetupError("hooks", f"hook {kind}: path {path!r} must be absolute", path=path)
+                raise InvalidSpec("hooks", f"hook {kind}: path {path!r} must be absolute", path=path)
             timeout = hook.get("timeout")
             if timeout is not None and int(timeout) <= 0:
-                raise SetupError(
+                raise InvalidSpec(
                     "hooks",
                     f"hook {kind} {path}: timeout must be positive, not {timeout}",
                     path=path,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import cgroupfs, securejoin, syscalls
-from .errors import SetupError, step
+from .errors import InvalidSpec, step
 from .syscalls import (
     MS_BIND,
     MS_DIRSYNC,
@@ -195,7 +195,7 @@ def mount_one(rootfs: str, bundle: str, m: dict, warn: Warn, *, in_cgroupns: boo
     """Mount one ``mounts[]`` entry under ``rootfs`` (before pivot_root)."""
     dest_in = m.get("destination") or ""
     if not dest_in.startswith("/"):
-        raise SetupError(
+        raise InvalidSpec(
             "mount", f"mount: destination {dest_in!r} must be an absolute path", path=dest_in
         )
     kind = m.get("type") or ""

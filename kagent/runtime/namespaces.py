@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from . import syscalls
-from .errors import SetupError, step
+from .errors import InvalidSpec, step
 
 #: OCI namespace type → (clone flag, name under /proc/<pid>/ns)
 KINDS: dict[str, tuple[int, str]] = {
@@ -62,9 +62,9 @@ def plan(spec: dict) -> Plan:
     for ns in (spec.get("linux") or {}).get("namespaces") or []:
         kind = ns.get("type")
         if kind not in KINDS:
-            raise SetupError("namespaces", f"namespaces: unsupported namespace type {kind!r}")
+            raise InvalidSpec("namespaces", f"namespaces: unsupported namespace type {kind!r}")
         if result.has(kind):
-            raise SetupError("namespaces", f"namespaces: {kind} namespace listed twice")
+            raise InvalidSpec("namespaces", f"namespaces: {kind} namespace listed twice")
         path = ns.get("path")
         if path:
             result.joined[kind] = path

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import capabilities, syscalls, users
-from .errors import SetupError, step
+from .errors import InvalidSpec, SetupError, check_range, step
 from .seccomp import Filter
 from .stdio import ChildStdio, open_console
 
@@ -48,6 +48,38 @@ RLIMITS = {
     )
     if hasattr(resource, name)
 }
+
+
+RLIM64_INFINITY = 2**64 - 1  # OCI's (and the kernel's) "unlimited"
+
+
+def check(process: dict) -> None:
+    """Refuse, before any fork, numbers the kernel's types cannot hold (create and exec)."""
+    size = process.get("consoleSize") or {}
+    for key in ("height", "width"):
+        check_range(f"process.consoleSize.{key}", size.get(key, 0), 0, 0xFFFF)  # winsize: ushort
+    for rl in process.get("rlimits") or []:
+        kind = rl.get("type")
+        if kind not in RLIMITS:
+            raise InvalidSpec("rlimit", f"rlimit: unknown type {kind!r}")
+        soft = check_range(f"process.rlimits {kind} soft", rl.get("soft", 0), 0, RLIM64_INFINITY)
+        hard = check_range(f"process.rlimits {kind} hard", rl.get("hard", 0), 0, RLIM64_INFINITY)
+        if soft > hard:
+            raise InvalidSpec("spec", f"spec: process.rlimits {kind}: soft {soft} is above hard {hard}")
+    if process.get("oomScoreAdj") is not None:
+        check_range("process.oomScoreAdj", process["oomScoreAdj"], -1000, 1000)
+    user = process.get("user") or {}
+    for key in ("uid", "gid"):
+        check_range(f"process.user.{key}", user.get(key, 0), 0, users.ID_MAX)
+    for gid in user.get("additionalGids") or []:
+        check_range("process.user.additionalGids", gid, 0, users.ID_MAX)
+    if user.get("umask") is not None:
+        check_range("process.user.umask", user["umask"], 0, 0o777)
+
+
+def _rlim(value: int) -> int:
+    """A uint64 limit as resource.setrlimit takes it (a C long: the same 64 bits)."""
+    return value - 2**64 if value >= 2**63 else value
 
 
 @dataclass
@@ -111,12 +143,12 @@ def setup_stdio(stdio: ChildStdio, process: dict) -> None:
 
 
 def set_rlimits(process: dict) -> None:
+    """After check(): known types, uint64 values."""
     for rl in process.get("rlimits") or []:
-        kind = rl.get("type")
-        if kind not in RLIMITS:
-            raise SetupError("rlimit", f"rlimit: unknown type {kind!r}")
-        with step(f"set {kind} soft={rl.get('soft')} hard={rl.get('hard')}"):
-            resource.setrlimit(RLIMITS[kind], (int(rl.get("soft", 0)), int(rl.get("hard", 0))))
+        kind = rl["type"]
+        soft, hard = rl.get("soft", 0), rl.get("hard", 0)
+        with step(f"set {kind} soft={soft} hard={hard}"):
+            resource.setrlimit(RLIMITS[kind], (_rlim(soft), _rlim(hard)))
 
 
 def set_lsm_labels(process: dict, warn: Warn) -> None:

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 
 from . import devices, mountinfo, mounts, syscalls
-from .errors import SetupError, step
+from .errors import InvalidSpec, step
 from .syscalls import MS_BIND, MS_PRIVATE, MS_RDONLY, MS_REC, MS_SLAVE
 
 Warn = Callable[[str], None]
@@ -25,7 +25,8 @@ Warn = Callable[[str], None]
 
 def root_path(spec: dict, bundle: str) -> str:
     root = (spec.get("root") or {}).get("path") or "rootfs"
-    return os.path.realpath(root if os.path.isabs(root) else os.path.join(bundle, root))
+    with step(f"resolve the rootfs {root}", root):  # e.g. EACCES on another process's /proc/N/cwd
+        return os.path.realpath(root if os.path.isabs(root) else os.path.join(bundle, root))
 
 
 def prepare(rootfs: str) -> None:
@@ -100,6 +101,6 @@ def set_propagation(spec: dict) -> None:
     if not prop:
         return
     if prop not in mounts.PROPAGATION:
-        raise SetupError("rootfs propagation", f"rootfs propagation: unknown value {prop!r}")
+        raise InvalidSpec("rootfs propagation", f"rootfs propagation: unknown value {prop!r}")
     with step(f"set rootfs propagation {prop}", "/"):
         syscalls.mount(None, "/", None, mounts.PROPAGATION[prop])

@@ -17,7 +17,7 @@ import ctypes.util
 import errno as errno_mod
 from collections.abc import Callable
 
-from .errors import SetupError
+from .errors import InvalidSpec, SetupError
 
 Warn = Callable[[str], None]
 
@@ -119,7 +119,7 @@ def action(name: str, errno_ret: int | None) -> int:
         return SCMP_ACT_ALLOW
     if name == "SCMP_ACT_LOG":
         return SCMP_ACT_LOG
-    raise SetupError("seccomp", f"seccomp: unsupported action {name!r}")
+    raise InvalidSpec("seccomp", f"seccomp: unsupported action {name!r}")
 
 
 def arch_token(name: str) -> int:
@@ -158,7 +158,7 @@ def compile(profile: dict | None, warn: Warn) -> Filter | None:  # noqa: A001 - 
     if not profile:
         return None
     if profile.get("listenerPath"):
-        raise SetupError("seccomp", "seccomp: SCMP_ACT_NOTIFY listeners are not supported")
+        raise InvalidSpec("seccomp", "seccomp: SCMP_ACT_NOTIFY listeners are not supported")
     lib = library()
     default = action(profile.get("defaultAction", "SCMP_ACT_ALLOW"), profile.get("defaultErrnoRet"))
     ctx = lib.seccomp_init(default)
@@ -200,7 +200,7 @@ def _add_rule(lib: ctypes.CDLL, ctx: int, rule: dict, default: int, warn: Warn) 
     for a in args:
         op = OPS.get(a.get("op", ""))
         if op is None:
-            raise SetupError("seccomp", f"seccomp: unknown operator {a.get('op')!r}")
+            raise InvalidSpec("seccomp", f"seccomp: unknown operator {a.get('op')!r}")
         conds.append(
             _ArgCmp(int(a["index"]), op, int(a.get("value", 0)), int(a.get("valueTwo", 0)))
         )

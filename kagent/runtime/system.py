@@ -8,7 +8,7 @@ written through the container's /proc/sys after pivot_root.
 from __future__ import annotations
 
 from . import syscalls
-from .errors import SetupError, step
+from .errors import InvalidSpec, step
 from .namespaces import Plan
 
 #: sysctl prefixes → the namespace they belong to (what the kernel namespaces)
@@ -34,7 +34,7 @@ def set_names(spec: dict, plan: Plan) -> None:
         if not value:
             continue
         if not plan.has("uts"):
-            raise SetupError(
+            raise InvalidSpec(
                 f"set {key}", f"set {key}: the container has no UTS namespace of its own"
             )
         with step(f"set {key} {value!r}"):
@@ -54,14 +54,14 @@ def check_sysctl(spec: dict, plan: Plan) -> None:
     """Refuse, before any fork, a sysctl that would change the guest's own kernel."""
     for key in (spec.get("linux") or {}).get("sysctl") or {}:
         if "/" in key or not all(key.split(".")):
-            raise SetupError("sysctl", f"sysctl {key!r}: not a sysctl name")
+            raise InvalidSpec("sysctl", f"sysctl {key!r}: not a sysctl name")
         ns = namespace_of(key)
         if ns is None:
-            raise SetupError(
+            raise InvalidSpec(
                 "sysctl", f"sysctl {key}: not namespaced, it would change the guest kernel"
             )
         if not plan.has(ns):
-            raise SetupError(
+            raise InvalidSpec(
                 "sysctl", f"sysctl {key}: the container has no {ns} namespace of its own"
             )
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .errors import SetupError, step
+from .errors import InvalidSpec, check_range, step
+
+# (uid_t)-1 is "leave unchanged" to setresuid/setresgid: as an id it would keep us root.
+ID_MAX = 2**32 - 2
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,11 @@ def parse_passwd(text: str) -> list[PasswdEntry]:
         if len(f) < 7 or line.startswith("#"):
             continue
         try:
-            out.append(PasswdEntry(f[0], int(f[2]), int(f[3]), f[5]))
+            entry = PasswdEntry(f[0], int(f[2]), int(f[3]), f[5])
         except ValueError:
             continue  # a malformed line must not stop the container
+        if 0 <= entry.uid <= ID_MAX and 0 <= entry.gid <= ID_MAX:
+            out.append(entry)
     return out
 
 
@@ -58,9 +63,11 @@ def parse_group(text: str) -> list[GroupEntry]:
         if len(f) < 4 or line.startswith("#"):
             continue
         try:
-            out.append(GroupEntry(f[0], int(f[2]), tuple(m for m in f[3].split(",") if m)))
+            entry = GroupEntry(f[0], int(f[2]), tuple(m for m in f[3].split(",") if m))
         except ValueError:
             continue
+        if 0 <= entry.gid <= ID_MAX:
+            out.append(entry)
     return out
 
 
@@ -96,15 +103,17 @@ class _Db:
         for e in self.passwd:
             if e.name == name:
                 return e
-        raise SetupError("user", f"user: no user {name!r} in the container's /etc/passwd")
+        # INVALID_ARGUMENT, not NOT_FOUND: the request names a user this image lacks, while
+        # the host reads NOT_FOUND as "no such container or process".
+        raise InvalidSpec("user", f"user: no user {name!r} in the container's /etc/passwd")
 
-    def gid(self, name: str) -> int:
-        if name.isdigit():
-            return int(name)
+    def gid(self, name: str, field: str) -> int:
+        if name.isascii() and name.isdigit():  # isdigit() alone also passes "²"
+            return check_range(field, int(name), 0, ID_MAX)
         for e in self.group:
             if e.name == name:
                 return e.gid
-        raise SetupError("user", f"user: no group {name!r} in the container's /etc/group")
+        raise InvalidSpec("user", f"user: no group {name!r} in the container's /etc/group")
 
     def home(self, uid: int) -> str:
         return next((e.home for e in self.passwd if e.uid == uid), "/")
@@ -121,17 +130,17 @@ def resolve(user: dict | None, string_user: dict | None = None, root: str = "/")
         su["uid"] = user["username"]
     if su.get("uid"):
         name = str(su["uid"])
-        if name.isdigit():
-            uid = int(name)
+        if name.isascii() and name.isdigit():
+            uid = check_range("string_user.uid", int(name), 0, ID_MAX)
         else:
             entry = db.user(name)
             uid = entry.uid
             if not su.get("gid"):
                 gid = entry.gid
     if su.get("gid"):
-        gid = db.gid(str(su["gid"]))
+        gid = db.gid(str(su["gid"]), "string_user.gid")
     if su.get("additionalGids"):
-        groups = [db.gid(str(g)) for g in su["additionalGids"]]
+        groups = [db.gid(str(g), "string_user.additionalGids") for g in su["additionalGids"]]
     return Identity(uid, gid, tuple(dict.fromkeys(groups)), db.home(uid))
 
 

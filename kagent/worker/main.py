@@ -8,7 +8,8 @@ with SCM_RIGHTS, together with a pidfd, so the supervisor serves stdio and can
 kill the process without a pid-reuse race, even if this worker dies.
 
 Requests (kagent.ipc records, answered with {"reply": id, ...} or
-{"reply": id, "error": {...}}):
+{"reply": id, "error": {"kind", "message", ...}}; kind is the status code name of the
+domain error raised, e.g. "INVALID_ARGUMENT", and a set-up failure adds its step, path, errno):
   create {spec, bundle, pipe_size, cgroup_parent}
                                           -> {pid, terminal, cgroup_path, warnings}
                                              + fds [pidfd, stdin, stdout(, stderr)]
@@ -32,17 +33,29 @@ import time
 from typing import Any
 
 from kagent import ipc
+from kagent.errors import (
+    AgentError,
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from kagent.runtime.errors import SetupError
+from kagent.ttrpc.codes import Code
 from kagent.zygote import exit_status, set_title
 
 DESTROY_GRACE = 10.0  # seconds to wait for SIGKILLed processes when no timeout is given
 
 
-class RequestError(Exception):
-    """A request the worker refuses; carries the fields the supervisor maps to a status."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+def error_fields(exc: Exception) -> dict:
+    """An exception as the reply's "error": the supervisor (kagent.container) rebuilds the
+    domain error from its kind."""
+    if isinstance(exc, SetupError):
+        return exc.to_dict()  # kind and message, with the step, path and errno
+    if isinstance(exc, AgentError):
+        return {"kind": exc.code.name, "message": exc.message}
+    return {"kind": Code.INTERNAL.name, "message": f"{type(exc).__name__}: {exc}"}  # a bug
 
 
 class Worker:
@@ -98,16 +111,12 @@ class Worker:
         try:
             method = getattr(self, f"op_{op}", None)
             if method is None:
-                raise RequestError("invalid", f"unknown worker op {op!r}")
+                raise InvalidArgument(f"unknown worker op {op!r}")
             extra, fds = method(msg)
             reply.update(extra)
             done = op == "destroy"
-        except RequestError as exc:
-            reply["error"] = {"kind": exc.kind, "message": str(exc)}
-        except Exception as exc:  # a set-up failure (SetupError) or a bug: the supervisor decides
-            to_dict = getattr(exc, "to_dict", None)
-            reply["error"] = {"kind": "setup", **to_dict()} if to_dict else {
-                "kind": "internal", "message": f"{type(exc).__name__}: {exc}"}
+        except Exception as exc:
+            reply["error"] = error_fields(exc)
         try:
             ipc.send(self.sock, reply, fds)
         finally:
@@ -122,7 +131,7 @@ class Worker:
         from kagent.runtime.stdio import make_stdio
 
         if self.init is not None or self.init_pid is not None:
-            raise RequestError("exists", f"container {self.cid} was already created")
+            raise AlreadyExists(f"container {self.cid} was already created")
         spec = msg["spec"]
         self.bundle = msg["bundle"]
         warnings = self._create_cgroup(spec, msg.get("cgroup_parent"))
@@ -136,7 +145,7 @@ class Worker:
                 parent.close()
                 raise
         except BaseException:
-            with contextlib.suppress(RequestError):  # the set-up error is the one to report
+            with contextlib.suppress(DeadlineExceeded):  # the set-up error is the one to report
                 self._remove_cgroup(5.0)
             raise
         self.init, self.init_pid, self.spec = handle, handle.pid, spec
@@ -158,7 +167,7 @@ class Worker:
             return self.cgroup.create(linux.get("cgroupsPath") or "", linux.get("resources"),
                                       container_id=self.cid)
         except BaseException:
-            with contextlib.suppress(RequestError):
+            with contextlib.suppress(DeadlineExceeded):
                 self._remove_cgroup(1.0)
             raise
 
@@ -170,13 +179,13 @@ class Worker:
         try:
             cgroup.destroy(timeout)
         except Exception as exc:
-            raise RequestError("timeout", f"container {self.cid}: {exc}") from exc
+            raise DeadlineExceeded(f"container {self.cid}: {exc}") from exc
 
     def op_start(self, msg: dict) -> tuple[dict, list[int]]:
         if self.init is None:
-            raise RequestError("state", f"container {self.cid} has no init to start")
+            raise FailedPrecondition(f"container {self.cid} has no init to start")
         if self.init.started:
-            raise RequestError("state", f"container {self.cid} is already started")
+            raise FailedPrecondition(f"container {self.cid} is already started")
         self.init.start()
         return {"warnings": list(self.init.warnings)}, []
 
@@ -185,10 +194,10 @@ class Worker:
         from kagent.runtime.stdio import make_stdio
 
         if self.init_pid is None or self.init_pid not in self.procs:
-            raise RequestError("state", f"container {self.cid} is not running")
+            raise FailedPrecondition(f"container {self.cid} is not running")
         exec_id = str(msg["exec_id"])
         if exec_id in self.procs.values():
-            raise RequestError("exists", f"exec id {exec_id} is already running in container {self.cid}")
+            raise AlreadyExists(f"exec id {exec_id} is already running in container {self.cid}")
         process = msg["process"]
         parent, child = make_stdio(bool(process.get("terminal")), int(msg.get("pipe_size") or 0))
         try:
@@ -211,7 +220,7 @@ class Worker:
                 return {}, []
         if exec_id in self.exited:
             return {}, []  # already gone: signalling it is a no-op, as upstream ignores ESRCH
-        raise RequestError("not_found", f"process {exec_id} not found in container {self.cid}")
+        raise NotFound(f"process {exec_id} not found in container {self.cid}")
 
     def op_kill_all(self, msg: dict) -> tuple[dict, list[int]]:
         sig = int(msg["signal"])
@@ -234,7 +243,7 @@ class Worker:
                 self.cgroup.kill_all(signal.SIGKILL)  # also what escaped the worker's view
         if not self.kill_everything(timeout):
             left = ", ".join(str(p) for p in self.procs)
-            raise RequestError("timeout", f"container {self.cid}: processes {left} still running after {timeout:g}s")
+            raise DeadlineExceeded(f"container {self.cid}: processes {left} still running after {timeout:g}s")
         self._remove_cgroup(timeout)
         return {}, []
 
@@ -242,7 +251,7 @@ class Worker:
 
     def _process_reply(self, pid: int, parent) -> tuple[dict, list[int]]:
         if parent.terminal and parent.stdin < 0:
-            raise RequestError("internal", f"process {pid} asked for a terminal but sent no console")
+            raise AgentError(f"process {pid} asked for a terminal but sent no console")
         pidfd = os.pidfd_open(pid)
         fds = [pidfd, parent.stdin, parent.stdout] + ([parent.stderr] if parent.stderr is not None else [])
         if parent.terminal:
