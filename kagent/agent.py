@@ -98,9 +98,9 @@ class Agent:
         self._start_passfd()
         await self._start_observability()
         routes = build_routes(self.services())
-        # The policy innermost: what it refuses is still traced and counted by the others.
-        self.server = Server(routes, limits=Limits.from_config(self.config), interceptors=[self.rpc_metrics.interceptor, *tracing.interceptors(),
-                                                    self.policy.interceptor])
+        # The policy innermost: what it refuses is still traced; the metrics count every call.
+        self.server = Server(routes, limits=Limits.from_config(self.config), observers=[self.rpc_metrics],
+                             interceptors=[*tracing.interceptors(), self.policy.interceptor])
         try:
             await self.server.start(self.config.server_addr)
         except (OSError, ValueError) as exc:

@@ -12,7 +12,8 @@ On the registry of ``kagent.metrics.AgentMetrics`` (so GetMetrics returns them t
   kagent_uevents_total{action}            counter    kernel uevents by action (add, remove, ...)
   kagent_oom_events_total                 counter    OOM kills seen in containers
 
-The RPC families come from one interceptor (``RpcMetrics.interceptor``), which keeps plain
+The RPC families come from the server's observer hooks (``RpcMetrics.begin``/``end``: no
+coroutine layer on the RPC path), which keep plain
 numbers that a collector turns into families at scrape time; the start-latency families are the
 same measurement for the RPCs that start things; workers, uevents and OOM kills are
 read from the agent's own state at scrape time (``AgentStateCollector``), so the hot paths
@@ -32,7 +33,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -46,7 +47,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 from kagent import log as klog
-from kagent.ttrpc.status import status_of
+from kagent.ttrpc.codes import Code
 
 _log = klog.get_logger("metrics")
 
@@ -59,7 +60,7 @@ _STARTS = {"CreateContainer": "create", "StartContainer": "start", "ExecProcess"
 
 
 class _RpcStats:
-    """One RPC's numbers, kept as plain ints and floats: the interceptor runs on every call
+    """One RPC's numbers, kept as plain ints and floats: the observer runs on every call
     (ReadStdout and WriteStdin included), and prometheus-client's metric objects cost several
     lock round trips and calls per observation; these are turned into families at scrape time."""
 
@@ -73,7 +74,7 @@ class _RpcStats:
 
 
 class RpcMetrics:
-    """The RPC families, and the ttRPC interceptor that fills them."""
+    """The RPC families, and the ttRPC server observer that fills them."""
 
     def __init__(self, registry: CollectorRegistry, agent: Any | None = None) -> None:
         self._stats: dict[str, _RpcStats] = {}
@@ -97,29 +98,25 @@ class RpcMetrics:
         stats = self._stats[rpc] = _RpcStats()
         return stats
 
-    async def interceptor(self, ctx: Any, request: Any, call_next: Callable[[], Awaitable[Any]]) -> Any:
+    # -- the server's observer (kagent.ttrpc.server.Observer) --------------------------------
+
+    def begin(self, ctx: Any) -> None:
+        stats = self._stats.get(ctx.method) or self._new(ctx.method)
+        with self._lock:
+            stats.in_flight += 1
+
+    def end(self, ctx: Any, code: Code) -> None:
         rpc = ctx.method
-        stats = self._stats.get(rpc) or self._new(rpc)
-        stats.in_flight += 1
-        started = time.perf_counter()
-        code = "OK"
-        try:
-            return await call_next()
-        except asyncio.CancelledError:
-            code = "DEADLINE_EXCEEDED" if ctx.expired() else "CANCELLED"
-            raise
-        except BaseException as exc:
-            code = status_of(exc)[0].name
-            raise
-        finally:
-            elapsed = time.perf_counter() - started
-            with self._lock:
-                stats.in_flight -= 1
-                stats.buckets[bisect.bisect_left(RPC_BUCKETS, elapsed)] += 1
-                stats.sum += elapsed
-                stats.codes[code] = stats.codes.get(code, 0) + 1
-            if code == "OK" and rpc in _STARTS:
-                self.starts[_STARTS[rpc]].observe(elapsed)
+        elapsed = time.perf_counter() - ctx.started
+        stats = self._stats[rpc]
+        name = code.name
+        with self._lock:
+            stats.in_flight -= 1
+            stats.buckets[bisect.bisect_left(RPC_BUCKETS, elapsed)] += 1
+            stats.sum += elapsed
+            stats.codes[name] = stats.codes.get(name, 0) + 1
+        if code is Code.OK and rpc in _STARTS:
+            self.starts[_STARTS[rpc]].observe(elapsed)
 
     def snapshot(self) -> list[tuple[str, list[int], float, int, dict[str, int]]]:
         with self._lock:

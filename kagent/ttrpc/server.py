@@ -32,7 +32,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf.message import DecodeError, Message
 
@@ -59,6 +59,15 @@ CallNext = Callable[[], Awaitable[Message]]
 Interceptor = Callable[["Context", Message, CallNext], Awaitable[Message]]
 
 
+class Observer(Protocol):
+    """Told when each request starts and how it ends (metrics), with no coroutine of its own:
+    an interceptor would add a layer to every call, cheap RPCs included."""
+
+    def begin(self, ctx: Context) -> None: ...
+
+    def end(self, ctx: Context, code: Code) -> None: ...
+
+
 @dataclass(frozen=True)
 class Route:
     """What the server needs to serve one method."""
@@ -77,11 +86,7 @@ class Context:
     method: str
     metadata: dict[str, list[str]] = field(default_factory=dict)
     deadline: float | None = None  # loop.time() at which the caller gives up
-    timer: asyncio.Timeout | None = None  # enforces the deadline once the request runs in a task
-
-    def expired(self) -> bool:
-        """Whether the deadline cancelled the handler (timers may fire a little before ``deadline``)."""
-        return self.timer is not None and self.timer.expired()
+    started: float = 0.0  # time.perf_counter() when the request was read
 
     @property
     def request_name(self) -> str:
@@ -306,12 +311,14 @@ class Connection(asyncio.Protocol):
             self.send(encode_error(stream_id, Code.INVALID_ARGUMENT,
                                    f"cannot decode {route.request_type.DESCRIPTOR.name}: {exc}"))
             return
-        ctx = Context(self, stream_id, req.service, req.method)
+        ctx = Context(self, stream_id, req.service, req.method, started=time.perf_counter())
         if req.metadata:
             for kv in req.metadata:
                 ctx.metadata.setdefault(kv.key, []).append(kv.value)
         if req.timeout_nano > 0:
             ctx.deadline = self._loop.time() + req.timeout_nano / 1e9
+        for observer in server.observers:
+            observer.begin(ctx)
         coro: Any = route.handler(request, ctx) if not server.interceptors else server.call(route, request, ctx)
         if key in server.eager:
             # In a context of its own, as a task would have: a context variable set by the
@@ -320,7 +327,7 @@ class Connection(asyncio.Protocol):
             try:
                 waiting = context.run(coro.send, None)
             except StopIteration as done:
-                self._respond(ctx, done.value, None)
+                self._respond(ctx, done.value)
                 return
             except Exception as exc:
                 self._fail(ctx, exc)
@@ -332,17 +339,17 @@ class Connection(asyncio.Protocol):
         self._guard.track(task, length)
 
     async def _run(self, call: Awaitable[Any], ctx: Context) -> None:
-        started = time.perf_counter()
         response = None
         try:
             if ctx.deadline is not None:
-                async with asyncio.timeout_at(ctx.deadline) as ctx.timer:
+                async with asyncio.timeout_at(ctx.deadline):
                     response = await call
             else:
                 response = await call
         except asyncio.CancelledError:
             if isinstance(response, RawReply):
                 response.discard()  # made, then cancelled on the way out: give back what it holds
+            self._ended(ctx, Code.CANCELLED)
             if self.transport is None or self.transport.is_closing():
                 raise  # the client went away: nothing to answer
             if self.server.closing:
@@ -351,13 +358,13 @@ class Connection(asyncio.Protocol):
         except Exception as exc:
             if isinstance(response, RawReply):
                 response.discard()  # e.g. the deadline expired just as it was made
-            self._fail(ctx, exc, started)
+            self._fail(ctx, exc)
             return
         finally:
             self._tasks.pop(ctx.stream_id, None)
-        self._respond(ctx, response, started)
+        self._respond(ctx, response)
 
-    def _respond(self, ctx: Context, response: Any, started: float | None) -> None:
+    def _respond(self, ctx: Context, response: Any) -> None:
         code = Code.OK
         if type(response) is not RawReply and not isinstance(response, RawReply):
             body = response.SerializeToString()
@@ -370,29 +377,29 @@ class Connection(asyncio.Protocol):
         else:
             if self.transport is None or self.transport.is_closing():
                 response.discard()
+                self._ended(ctx, Code.CANCELLED)
                 return
             try:
                 response.send(self, ctx.stream_id)
             except Exception as exc:
-                self._fail(ctx, exc, started)
+                self._fail(ctx, exc)
                 return
-        if self._debug:
-            self._log_rpc(ctx, code, started)
+        self._ended(ctx, code)
 
-    def _fail(self, ctx: Context, exc: Exception, started: float | None = None) -> None:
+    def _fail(self, ctx: Context, exc: Exception) -> None:
         code, message, unexpected = status_of(exc)
         if unexpected:
             _log.error("handler failed", rpc=ctx.method, exc_info=exc)
         self.send(encode_error(ctx.stream_id, code, message))
-        if self._debug:
-            self._log_rpc(ctx, code, started)
+        self._ended(ctx, code)
 
-    @staticmethod
-    def _log_rpc(ctx: Context, code: Code, started: float | None) -> None:
-        fields: dict[str, Any] = {"rpc": ctx.method, "stream_id": ctx.stream_id, "code": code.name}
-        if started is not None:
-            fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
-        _log.debug("rpc", **fields)
+    def _ended(self, ctx: Context, code: Code) -> None:
+        """Every request that reached its handler ends here exactly once."""
+        for observer in self.server.observers:
+            observer.end(ctx, code)
+        if self._debug:
+            _log.debug("rpc", rpc=ctx.method, stream_id=ctx.stream_id, code=code.name,
+                       duration_ms=round((time.perf_counter() - ctx.started) * 1000, 3))
 
     # -- writing ----------------------------------------------------------
 
@@ -549,9 +556,11 @@ class Server:
 
     def __init__(self, routes: Mapping[tuple[str, str], Route], *,
                  max_message: int = framing.MESSAGE_LENGTH_MAX,
-                 interceptors: Sequence[Interceptor] = (), limits: Limits | None = None) -> None:
+                 interceptors: Sequence[Interceptor] = (), observers: Sequence[Observer] = (),
+                 limits: Limits | None = None) -> None:
         self.routes = dict(routes)
         self.interceptors = list(interceptors)
+        self.observers = tuple(observers)
         self.services = {svc for svc, _ in self.routes}
         #: routes whose handler is marked @eager (started in the read path)
         self.eager = {key for key, r in self.routes.items() if runs_eagerly(r.handler)}

@@ -1,4 +1,4 @@
-"""kagent's own metrics: the RPC interceptor's families, the state read at scrape time, and the
+"""kagent's own metrics: the RPC observer's families, the state read at scrape time, and the
 HTTP endpoint (Prometheus text and OpenMetrics), parsed with prometheus-client's parsers."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Rig:
         self.metrics = AgentMetrics()
         self.rpc = RpcMetrics(self.metrics.registry, self.state)
         self.svc = Svc()
-        self.server = Server(build_routes([HealthService(), self.svc]), interceptors=[self.rpc.interceptor])
+        self.server = Server(build_routes([HealthService(), self.svc]), observers=[self.rpc])
         addr = "unix://" + os.path.join(tmp_sock_dir, "agent.sock")
         await self.server.start(addr)
         self.client = await Client.connect(addr)
