@@ -25,7 +25,7 @@ import shutil
 import stat
 from dataclasses import dataclass
 
-from kagent.errors import InvalidArgument, PermissionDenied
+from kagent.errors import InvalidArgument, PermissionDenied, refuse_nul
 from kagent.guest import SHARED_DIR, os_error
 from kagent.log import get_logger
 
@@ -50,8 +50,9 @@ class CopyRequest:
 
 def components_below(base: str, path: str) -> list[str]:
     """The components of ``path`` under ``base`` (lexically); refuse anything else."""
-    if not path or "\0" in path:
-        raise InvalidArgument(f"CopyFile: invalid path {path!r}")
+    if not path:
+        raise InvalidArgument("CopyFile: empty path")
+    refuse_nul(path, "CopyFile: path")
     if not path.startswith("/"):
         raise InvalidArgument(f"CopyFile: path {path!r} is not absolute")
     parts = [p for p in path.split("/") if p not in ("", ".")]

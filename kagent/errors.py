@@ -56,3 +56,14 @@ class Unimplemented(AgentError):
 
 class DeadlineExceeded(AgentError):
     code = Code.DEADLINE_EXCEEDED
+
+
+def refuse_nul(value: str, what: str) -> str:
+    """``value`` (a path or other string the host sent for the kernel), if it holds no NUL byte.
+
+    A C string ends at NUL: os.* would raise ValueError (INTERNAL), and a string passed
+    through ctypes would silently be cut short.
+    """
+    if "\0" in value:
+        raise InvalidArgument(f"{what} {value!r} contains a NUL byte")
+    return value

@@ -30,6 +30,7 @@ from kagent.errors import (
     NotFound,
     PermissionDenied,
     Unimplemented,
+    refuse_nul,
 )
 from kagent.log import get_logger
 from kagent.policy import FEATURE as POLICY_FEATURE
@@ -208,6 +209,7 @@ def volume_stats(path: str) -> tuple[Usage, Usage]:
     """
     if not path:
         raise InvalidArgument("GetVolumeStats: empty volume_guest_path")
+    refuse_nul(path, "GetVolumeStats: volume_guest_path")
     try:
         st = os.statvfs(path)
     except OSError as exc:
@@ -226,8 +228,7 @@ _GROW_TOOLS = {"ext2": "resize2fs", "ext3": "resize2fs", "ext4": "resize2fs", "x
 def _mount_of(path: str, mountinfo_path: str) -> mountinfo.Mount | None:
     """The mount that holds ``path``: the longest mount point above it (the last one wins)."""
     try:
-        with open(mountinfo_path) as f:
-            table = mountinfo.parse(f.read())
+        table = mountinfo.read_file(mountinfo_path)
     except OSError as exc:
         raise os_error(exc, f"read {mountinfo_path}") from None
     best = None
@@ -248,6 +249,7 @@ def resize_volume(path: str, *, mountinfo_path: str = "/proc/self/mountinfo",
     """
     if not path:
         raise InvalidArgument("ResizeVolume: empty volume_guest_path")
+    refuse_nul(path, "ResizeVolume: volume_guest_path")
     if not os.path.exists(path):
         raise NotFound(f"ResizeVolume: {path} does not exist")
     real = os.path.realpath(path)
@@ -289,6 +291,7 @@ def check_swap_area(path: str) -> None:
     """Refuse anything swapon(2) should not be given: missing, not a file/device, no mkswap header."""
     if not path:
         raise InvalidArgument("swap: empty path")
+    refuse_nul(path, "swap: path")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
@@ -334,8 +337,7 @@ def stat_shared_mounts(base: str = SHARED_DIR, mountinfo_path: str = "/proc/self
     share and is only logged.
     """
     try:
-        with open(mountinfo_path) as f:
-            table = mountinfo.parse(f.read())
+        table = mountinfo.read_file(mountinfo_path)
     except OSError as exc:
         raise os_error(exc, f"read {mountinfo_path}") from None
     prefix = base.rstrip("/") + "/"
@@ -383,6 +385,7 @@ def read_termination_log(source: str) -> str:
     Opened without following a final symlink and without blocking, and only a regular
     file is read: the file's name comes from the host and its content from the workload.
     """
+    refuse_nul(source, "termination log")
     try:
         fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -437,6 +440,9 @@ def update_ephemeral_mounts(storages: Sequence[EphemeralMount]) -> None:
     Every storage is checked before anything is mounted, so a bad request changes nothing.
     """
     for s in storages:
+        for value, name in ((s.mount_point, "mount point"), (s.source, "source"), (s.fstype, "fstype"),
+                            *((o, "option") for o in s.options)):
+            refuse_nul(value, f"UpdateEphemeralMounts: {name}")
         if s.driver != "ephemeral":
             raise InvalidArgument(f"UpdateEphemeralMounts: driver {s.driver!r} of {s.mount_point!r} "
                                   "is not supported (only \"ephemeral\")")

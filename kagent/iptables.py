@@ -14,13 +14,28 @@ import subprocess
 from collections.abc import Sequence
 
 from kagent import log as klog
-from kagent.errors import AgentError, DeadlineExceeded, FailedPrecondition
+from kagent.errors import AgentError, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from kagent.network import run_in_netns
 
 _log = klog.get_logger("network")
 
 SEARCH_DIRS = ("/usr/sbin", "/sbin")  # looked in before PATH, as upstream
 TIMEOUT = 30.0  # seconds; iptables-restore itself waits up to 5 s for the xtables lock
+# iptables-restore's exit statuses for rules it refuses (xtables.h): OTHER_PROBLEM (a line that
+# did not parse or commit), PARAMETER_PROBLEM (an unknown chain, target, option...)
+_RULES_REFUSED = (1, 2)
+
+
+class _Failed(AgentError):
+    """A tool exited non-zero (INTERNAL unless the caller knows better)."""
+
+    def __init__(self, argv: list[str], returncode: int, stderr: bytes) -> None:
+        # its usage hint ("Try `iptables-restore -h' ...") is no help to the host
+        lines = [line.strip() for line in stderr.decode(errors="replace").splitlines()]
+        self.detail = "; ".join(line for line in lines if line and not line.startswith("Try `")) \
+            or f"exit status {returncode}"
+        self.returncode = returncode
+        super().__init__(f"{' '.join(argv)} failed: {self.detail}")
 
 
 class IPTables:
@@ -36,7 +51,13 @@ class IPTables:
     def set(self, is_ipv6: bool, data: bytes) -> bytes:
         """Feed ``data`` to iptables-restore (ip6tables-restore); returns what it printed."""
         tool = self._tool("ip6tables-restore" if is_ipv6 else "iptables-restore")
-        out = self._exec([tool, "--wait", "5"], data)
+        try:
+            out = self._exec([tool, "--wait", "5"], data)
+        except _Failed as exc:
+            if exc.returncode not in _RULES_REFUSED:
+                raise
+            # the rules are the host's: what iptables-restore says tells it what to fix
+            raise InvalidArgument(f"{os.path.basename(tool)} refused the rules: {exc.detail}") from None
         _log.info("iptables restored", ipv6=is_ipv6, size=len(data))
         return out
 
@@ -61,8 +82,7 @@ class IPTables:
 
         res = run_in_netns(self.netns, run)
         if res.returncode != 0:
-            detail = res.stderr.decode(errors="replace").strip() or f"exit status {res.returncode}"
-            raise AgentError(f"{' '.join(argv)} failed: {detail}")
+            raise _Failed(argv, res.returncode, res.stderr)
         return res.stdout
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import threading
 from collections.abc import Callable, Iterator
 
@@ -24,6 +23,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from kagent.log import get_logger
+from kagent.runtime import mountinfo
 
 log = get_logger("metrics")
 
@@ -66,7 +66,6 @@ MEMINFO_ITEMS = {  # label → /proc/meminfo key; "kB" values become bytes (the 
     "per_cpu": "Percpu", "k_reclaimable": "KReclaimable",
 }
 FS_TYPES = frozenset({"ext4", "xfs", "btrfs", "vfat", "overlay"})
-_OCTAL = re.compile(r"\\([0-7]{3})")
 
 
 # --- /proc parsers (text in, numbers out; golden-tested) ---------------------------------------
@@ -74,7 +73,7 @@ _OCTAL = re.compile(r"\\([0-7]{3})")
 
 def _read(path: str) -> str | None:
     try:
-        with open(path) as f:
+        with open(path, newline="") as f:  # as written: a "\r" in a mount point is not a line end
             return f.read()
     except OSError as exc:
         log.debug("cannot read", path=path, error=str(exc))
@@ -168,28 +167,16 @@ def parse_meminfo(text: str) -> dict[str, int]:
     return out
 
 
-def _unescape(s: str) -> str:
-    # the kernel writes space, tab, newline and backslash as \ooo
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), s)
-
-
 def filesystems(mountinfo_text: str) -> list[tuple[str, str]]:
     """[(mount point, device)] worth reporting: ext4/xfs/btrfs/vfat/overlay, read-write
     superblocks, one mount per device (maj:min)."""
     seen: set[str] = set()
     out = []
-    for line in mountinfo_text.splitlines():
-        fields = line.split()
-        if "-" not in fields:
+    for m in mountinfo.parse(mountinfo_text):
+        if m.fstype not in FS_TYPES or "ro" in m.super_options.split(",") or m.devno in seen:
             continue
-        sep = fields.index("-")
-        if sep < 6 or len(fields) < sep + 4:
-            continue
-        fstype, source, super_opts = fields[sep + 1], fields[sep + 2], fields[sep + 3]
-        if fstype not in FS_TYPES or "ro" in super_opts.split(",") or fields[2] in seen:
-            continue
-        seen.add(fields[2])
-        out.append((_unescape(fields[4]), os.path.basename(_unescape(source))))
+        seen.add(m.devno)
+        out.append((m.mount_point, os.path.basename(m.source)))
     return out
 
 

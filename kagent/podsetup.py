@@ -32,7 +32,7 @@ import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from kagent.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from kagent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, refuse_nul
 from kagent.log import get_logger
 from kagent.runtime import syscalls
 from kagent.storage import SANDBOX_OWNER
@@ -259,6 +259,7 @@ class PodSetup:
         try:
             self._made = await asyncio.to_thread(make_dirs, self.sandbox_dir)
             if req.guest_hook_path:
+                refuse_nul(req.guest_hook_path, "CreateSandbox: guest_hook_path")
                 self.guest_hooks = await asyncio.to_thread(scan_hooks, req.guest_hook_path)
             for module in req.kernel_modules:
                 await load_kernel_module(module.name, module.parameters, self.modprobe)

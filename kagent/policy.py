@@ -27,6 +27,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Awaitable, Callable
@@ -60,6 +61,21 @@ RULES: tuple[str, ...] = tuple(sorted(
 
 class PolicyLoadError(Exception):
     """The policy text cannot be read or compiled."""
+
+
+# Rego: comments and blank lines, then the package.  rego-cpp compiles a text without one
+# (or with another package): the agent_policy rules would then all be undefined, every
+# request refused, SetPolicy included, until the agent restarts.
+_PACKAGE_LINE = re.compile(r"\A(?:[ \t\r\n]++|#[^\n]*+)*+package[ \t]+" + PACKAGE + r"(?=[ \t\r\n#;]|\Z)")
+
+
+def check_policy_text(text: str) -> None:
+    """Refuse a policy the engine would take but the agent could never decide with."""
+    if "\0" in text:  # rego-cpp reads a C string: it would silently drop the rest
+        raise PolicyLoadError("the policy contains a NUL byte")
+    if not _PACKAGE_LINE.match(text):
+        raise PolicyLoadError(f"the policy must begin with 'package {PACKAGE}' "
+                              f"(the agent asks data.{PACKAGE}.<RequestName>)")
 
 
 # The request as upstream's serde JSON, and JSON patch for stateful policies, live in
@@ -129,6 +145,17 @@ class _InputError(ValueError):
     pass
 
 
+class _NulInInput(_InputError):
+    """A string of the request holds a NUL byte, which rego-cpp's C API cannot take."""
+
+    def __init__(self) -> None:
+        super().__init__("a string contains a NUL byte")
+        self.where: list[str] = []  # innermost first, added as the error goes up
+
+    def field(self) -> str:
+        return "input" + "".join(reversed(self.where))
+
+
 class Engine:
     """A compiled policy and its data; every call is serialized by a lock.
 
@@ -136,6 +163,7 @@ class Engine:
     """
 
     def __init__(self, text: str, data: dict[str, Any] | None = None, *, name: str = PACKAGE) -> None:
+        check_policy_text(text)
         self.text = text
         self.name = name
         self.data = copy.deepcopy(INITIAL_DATA if data is None else data)
@@ -168,7 +196,8 @@ class Engine:
     def evaluate(self, rule: str, doc: dict[str, Any]) -> tuple[Any, str]:
         """(value, prints) of ``data.agent_policy.<rule>`` for input ``doc``; value None = undefined.
 
-        Raises AgentError (INTERNAL) when the policy fails at evaluation.
+        Raises AgentError (INTERNAL) when the policy fails at evaluation, InvalidArgument
+        when ``doc`` holds a string the engine cannot be given (a NUL byte).
         """
         rs = self._rs
         lib = rs.rego
@@ -177,6 +206,9 @@ class Engine:
             try:
                 _put(lib, handle, doc)
                 rs.rego_set_input(self._query._impl, handle)
+            except _NulInInput as exc:  # the host's to fix, and never decided: refused as invalid
+                raise InvalidArgument(f"{rule}: {exc.field()} contains a NUL byte, "
+                                      "which the policy engine cannot be given") from None
             except (rs.RegoError, _InputError) as exc:
                 raise AgentError(f"{rule}: internal error: policy input rejected: {exc}") from None
             finally:
@@ -220,17 +252,25 @@ def _put(lib, handle, value: Any) -> None:
     if kind is str:
         raw = value.encode()
         if b"\0" in raw:  # a C string would silently cut it short
-            raise _InputError("a string contains a NUL byte")
+            raise _NulInInput()
         lib.regoInputString(handle, raw)
     elif kind is dict:
         for key, item in value.items():
-            _put(lib, handle, key)
-            _put(lib, handle, item)
+            try:
+                _put(lib, handle, key)
+                _put(lib, handle, item)
+            except _NulInInput as exc:
+                exc.where.append(f".{key}" if str(key).isidentifier() else f"[{key!r}]")
+                raise
             lib.regoInputObjectItem(handle)
         lib.regoInputObject(handle, len(value))
     elif kind is list:
-        for item in value:
-            _put(lib, handle, item)
+        for i, item in enumerate(value):
+            try:
+                _put(lib, handle, item)
+            except _NulInInput as exc:
+                exc.where.append(f"[{i}]")
+                raise
         lib.regoInputArray(handle, len(value))
     elif kind is bool:
         lib.regoInputBoolean(handle, value)
@@ -378,6 +418,10 @@ class AgentPolicy:
                 decision = await self._decide("SetPolicyRequest", request)
                 if not decision.allowed:
                     raise decision.denial()
+            try:  # before compiling, so that the message does not call it a compile error
+                check_policy_text(request.policy)
+            except PolicyLoadError as exc:
+                raise InvalidArgument(f"SetPolicy: {exc}") from None
             try:
                 engine = await asyncio.to_thread(Engine, request.policy)
             except PolicyLoadError as exc:

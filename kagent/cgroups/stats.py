@@ -9,6 +9,10 @@ shaped like ``agent_pb2.CgroupStats`` (same field names, nested dicts), which
 Units as upstream: v1 cpu times in nanoseconds (cpuacct.stat's USER_HZ ticks
 are converted); v2 cpu.stat's microseconds are converted to nanoseconds too,
 so one unit crosses the API whatever the host's cgroup version.
+
+Every field of CgroupStats is a uint64: a value that is not one (v1's "-1" for
+unlimited, or what only an odd kernel would write, or a conversion that overflows)
+reads as 0, as a missing or unparsable one does, so a stats call never fails on it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ def _text(data: bytes | str | None) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else data
 
 
+def _u64(value: int) -> int:
+    return value if 0 <= value <= U64_MAX else 0
+
+
 def parse_int(data: bytes | str | None) -> int:
     """A single-value file; 0 when missing or not a number."""
     try:
@@ -55,19 +63,12 @@ def parse_int(data: bytes | str | None) -> int:
 
 def parse_max(data: bytes | str | None) -> int:
     """A limit that may read "max" (pids.max, memory.max): "max" and missing give 0, as upstream."""
-    text = _text(data).strip()
-    if text == "max" or not text:
-        return 0
-    try:
-        return int(text)
-    except ValueError:
-        return 0
+    return parse_u64(data)
 
 
 def parse_u64(data: bytes | str | None) -> int:
     """A v1 limit: "-1" style or 2**63-ish unlimited values clamp into uint64."""
-    value = parse_int(data)
-    return value if 0 <= value <= U64_MAX else 0
+    return _u64(parse_int(data))
 
 
 def parse_flat(data: bytes | str | None) -> dict[str, int]:
@@ -77,7 +78,7 @@ def parse_flat(data: bytes | str | None) -> dict[str, int]:
         parts = line.split()
         if len(parts) == 2:
             try:
-                out[parts[0]] = int(parts[1])
+                out[parts[0]] = _u64(int(parts[1]))
             except ValueError:
                 continue
     return out
@@ -88,7 +89,7 @@ def parse_ints(data: bytes | str | None) -> list[int]:
     out = []
     for word in _text(data).split():
         try:
-            out.append(int(word))
+            out.append(_u64(int(word)))
         except ValueError:
             continue
     return out
@@ -97,7 +98,8 @@ def parse_ints(data: bytes | str | None) -> list[int]:
 def parse_cpuacct_stat(data: bytes | str | None, ticks: int = CLOCK_TICKS) -> tuple[int, int]:
     """cpuacct.stat (USER_HZ ticks) → (user_ns, system_ns)."""
     flat = parse_flat(data)
-    return (flat.get("user", 0) * NANOS_PER_SECOND // ticks, flat.get("system", 0) * NANOS_PER_SECOND // ticks)
+    return (_u64(flat.get("user", 0) * NANOS_PER_SECOND // ticks),
+            _u64(flat.get("system", 0) * NANOS_PER_SECOND // ticks))
 
 
 def _devnum(word: str) -> tuple[int, int] | None:
@@ -105,9 +107,10 @@ def _devnum(word: str) -> tuple[int, int] | None:
     if not sep:
         return None
     try:
-        return int(major), int(minor)
+        dev = int(major), int(minor)
     except ValueError:
         return None
+    return dev if all(0 <= n <= U64_MAX for n in dev) else None  # no device has another number
 
 
 def parse_blkio(data: bytes | str | None) -> list[dict[str, Any]]:
@@ -123,9 +126,9 @@ def parse_blkio(data: bytes | str | None) -> list[dict[str, Any]]:
             continue
         try:
             if len(parts) == 3:
-                out.append({"major": dev[0], "minor": dev[1], "op": parts[1].lower(), "value": int(parts[2])})
+                out.append({"major": dev[0], "minor": dev[1], "op": parts[1].lower(), "value": _u64(int(parts[2]))})
             elif len(parts) == 2:
-                out.append({"major": dev[0], "minor": dev[1], "op": "", "value": int(parts[1])})
+                out.append({"major": dev[0], "minor": dev[1], "op": "", "value": _u64(int(parts[1]))})
         except ValueError:
             continue
     return out
@@ -149,7 +152,7 @@ def parse_io_stat(data: bytes | str | None) -> list[dict[str, Any]]:
         for kv in parts[1:]:
             key, _, value = kv.partition("=")
             try:
-                fields[key] = int(value)
+                fields[key] = _u64(int(value))
             except ValueError:
                 continue
         for key, op in _IO_STAT_OPS:
@@ -255,6 +258,10 @@ def v1_stats(files: Files, hugepage_sizes: list[str] = (), ticks: int = CLOCK_TI
     }
 
 
+def _usec_to_ns(usec: int) -> int:
+    return _u64(usec * 1000)
+
+
 def v2_files(hugepage_sizes: list[str] = ()) -> list[str]:
     """Every v2 file ``v2_stats`` reads."""
     names = ["cpu.stat", "memory.stat", "memory.current", "memory.peak", "memory.max", "memory.events",
@@ -274,15 +281,15 @@ def v2_stats(files: Files, hugepage_sizes: list[str] = ()) -> dict[str, Any]:
     return {
         "cpu_stats": {
             "cpu_usage": {
-                "total_usage": cpu.get("usage_usec", 0) * 1000,
+                "total_usage": _usec_to_ns(cpu.get("usage_usec", 0)),
                 "percpu_usage": [],  # v2 keeps no per-cpu usage
-                "usage_in_kernelmode": cpu.get("system_usec", 0) * 1000,
-                "usage_in_usermode": cpu.get("user_usec", 0) * 1000,
+                "usage_in_kernelmode": _usec_to_ns(cpu.get("system_usec", 0)),
+                "usage_in_usermode": _usec_to_ns(cpu.get("user_usec", 0)),
             },
             "throttling_data": {
                 "periods": cpu.get("nr_periods", 0),
                 "throttled_periods": cpu.get("nr_throttled", 0),
-                "throttled_time": cpu.get("throttled_usec", 0) * 1000,
+                "throttled_time": _usec_to_ns(cpu.get("throttled_usec", 0)),
             },
         },
         "memory_stats": {

@@ -25,6 +25,7 @@ from kagent.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    refuse_nul,
 )
 from kagent.log import get_logger
 from kagent.runtime import mountinfo, mounts, syscalls
@@ -73,9 +74,14 @@ class StorageSpec:
     def make(cls, *, driver: str, mount_point: str, source: str = "", fstype: str = "",
              options: Iterable[str] = (), driver_options: Iterable[str] = (),
              fs_group: FsGroup | None = None, shared: bool = False) -> StorageSpec:
+        what = f"{driver or 'storage'} storage"
+        options, driver_options = tuple(options), tuple(driver_options)
+        # every string here reaches a syscall (or ctypes, which would cut it at the NUL)
+        for value, name in ((driver, "driver"), (source, "source"), (fstype, "fstype"),
+                            *((o, "option") for o in options), *((o, "driver option") for o in driver_options)):
+            refuse_nul(value, f"{what}: {name}")
         return cls(driver, source, fstype, tuple(split_options(options)),
-                   check_path(mount_point, f"{driver or 'storage'} mount point"),
-                   tuple(driver_options), fs_group, shared)
+                   check_path(mount_point, f"{what}: mount point"), driver_options, fs_group, shared)
 
     @property
     def read_only(self) -> bool:
@@ -84,7 +90,8 @@ class StorageSpec:
 
 def check_path(path: str, what: str) -> str:
     """An absolute path without ``..``, normalised (the host sends trailing slashes)."""
-    if not path or not path.startswith("/") or "\0" in path:
+    refuse_nul(path, what)
+    if not path.startswith("/"):
         raise InvalidArgument(f"{what} {path!r} must be an absolute path")
     if ".." in path.split("/"):
         raise InvalidArgument(f"{what} {path!r} must not contain '..'")
@@ -155,8 +162,7 @@ def storage_error(exc: BaseException, what: str) -> AgentError:
 
 def mounted_at(path: str, mountinfo_path: str = MOUNTINFO) -> list[mountinfo.Mount]:
     """The mounts stacked on ``path`` (oldest first)."""
-    with open(mountinfo_path) as f:
-        table = mountinfo.parse(f.read())
+    table = mountinfo.read_file(mountinfo_path)
     return [m for m in table if m.mount_point == path]
 
 

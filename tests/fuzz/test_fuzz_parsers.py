@@ -20,7 +20,7 @@ from kagent import _fast
 from kagent.cgroups import stats
 from kagent.devices import uevent
 from kagent.devices.registry import DeviceRegistry
-from kagent.metrics import AgentMetrics
+from kagent.metrics import AgentMetrics, filesystems
 from kagent.runtime import mountinfo
 
 NO_EXTENSIONS = os.environ.get("KAGENT_NO_EXTENSIONS") == "1"
@@ -63,41 +63,68 @@ def _values(d) -> list[int]:
     return [d] if isinstance(d, int) and not isinstance(d, bool) else []
 
 
-def _proto_ok(d: dict, what: str) -> None:
-    try:
-        msg = stats.to_proto(d)
-    except ValueError as exc:
-        # Known finding (see test_stats_values_out_of_uint64_range): only with values no
-        # kernel writes; anything else is a new bug.
-        assert any(not 0 <= v <= U64 for v in _values(d)), exc
-        harness.finding(f"{what}: to_proto raises ValueError when a file holds a value outside uint64 "
-                        "(see test_stats_values_out_of_uint64_range)")
-        return
-    type(msg).FromString(msg.SerializeToString())
+def _proto_ok(d: dict) -> None:
+    values = _values(d)
+    assert all(0 <= v <= U64 for v in values), [v for v in values if not 0 <= v <= U64]
+    msg = stats.to_proto(d)
+    assert type(msg).FromString(msg.SerializeToString()) == msg
 
 
 @harness.fuzz_settings(300)
 @given(files=st.fixed_dictionaries({}, optional={n: content for n in V1_NAMES}))
 def test_v1_stats_of_any_files(files):
     harness.record("parsers.cgroup_v1_stats")
-    _proto_ok(stats.v1_stats(files, HUGE_SIZES), "cgroup v1 stats")
+    _proto_ok(stats.v1_stats(files, HUGE_SIZES))
 
 
 @harness.fuzz_settings(300)
 @given(files=st.fixed_dictionaries({}, optional={n: content for n in V2_NAMES}))
 def test_v2_stats_of_any_files(files):
     harness.record("parsers.cgroup_v2_stats")
-    _proto_ok(stats.v2_stats(files, HUGE_SIZES), "cgroup v2 stats")
+    _proto_ok(stats.v2_stats(files, HUGE_SIZES))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "finding: kagent/cgroups/stats.py passes flat-keyed values through unchecked, and "
-    "to_proto raises ValueError for one outside uint64 (StatsContainer then answers INTERNAL). "
-    "Fix: clamp in parse_flat (or to_proto) to 0..2**64-1, as parse_u64 does"))
-@pytest.mark.parametrize("files", [{"memory.stat": b"anon -1\n"},
-                                   {"cpu.stat": b"usage_usec 18446744073709552\n"}])
-def test_stats_values_out_of_uint64_range(files):
-    stats.to_proto(stats.v2_stats(files))
+# Regression (finding 6): a value outside uint64 made to_proto raise ValueError, and
+# StatsContainer answer INTERNAL.  Each reads 0, as parse_u64's do; the rest of the file stays.
+@pytest.mark.parametrize("version,files,where,kept", [
+    ("v2", {"memory.stat": b"anon -1\nfile 7\n"}, "memory_stats.stats.anon", "memory_stats.stats.file"),
+    ("v2", {"memory.stat": b"anon 18446744073709551616\nfile 7\n"}, "memory_stats.stats.anon",
+     "memory_stats.stats.file"),
+    ("v2", {"cpu.stat": b"usage_usec 18446744073709552\nnr_periods 7\n"},  # usec x 1000 overflows
+     "cpu_stats.cpu_usage.total_usage", "cpu_stats.throttling_data.periods"),
+    ("v2", {"cpu.stat": b"nr_throttled -5\nnr_periods 7\n"}, "cpu_stats.throttling_data.throttled_periods",
+     "cpu_stats.throttling_data.periods"),
+    ("v2", {"memory.max": b"-4096\n", "memory.current": b"7\n"}, "memory_stats.usage.limit",
+     "memory_stats.usage.usage"),
+    ("v2", {"memory.events": b"max -1\n", "memory.current": b"7\n"}, "memory_stats.usage.failcnt",
+     "memory_stats.usage.usage"),
+    ("v1", {"cpuacct.stat": b"user 18446744073709551615\nsystem 7\n"},  # ticks -> ns overflows
+     "cpu_stats.cpu_usage.usage_in_usermode", "cpu_stats.cpu_usage.usage_in_kernelmode"),
+    ("v1", {"cpuacct.usage_percpu": b"-1 7\n"}, "cpu_stats.cpu_usage.percpu_usage.0",
+     "cpu_stats.cpu_usage.percpu_usage.1"),
+])
+def test_stats_values_out_of_uint64_range(version, files, where, kept):
+    s = stats.v2_stats(files) if version == "v2" else stats.v1_stats(files, ticks=100)
+
+    def at(path):
+        value = s
+        for key in path.split("."):
+            value = value[int(key)] if isinstance(value, list) else value[key]
+        return value
+
+    assert at(where) == 0
+    assert at(kept) in (7, 7 * 10**9 // 100)  # the value beside it is kept (v1 cpu: ticks in ns)
+    _proto_ok(s)
+
+
+@pytest.mark.parametrize("name", ["blkio.throttle.io_service_bytes_recursive", "io.stat"])
+def test_stats_device_entries_out_of_uint64_range(name):
+    line = b"8:0 Read -1\n8:16 Read 7\n-1:0 Read 9\n" if name.startswith("blkio") else \
+        b"8:0 rbytes=-1 wbytes=7\n-1:0 rbytes=9\n"
+    s = stats.v1_stats({name: line}) if name.startswith("blkio") else stats.v2_stats({name: line})
+    entries = s["blkio_stats"]["io_service_bytes_recursive"]
+    assert [(e["major"], e["minor"], e["value"]) for e in entries] == [(8, 0, 0), (8, 16 if name.startswith("blkio") else 0, 7)]
+    _proto_ok(s)
 
 
 # --- /proc for metrics -----------------------------------------------------------------------
@@ -137,13 +164,10 @@ def test_metrics_of_any_proc(tmp_path_factory, files):
 
 # --- mountinfo -------------------------------------------------------------------------------
 
-# The kernel escapes only space, tab, newline and backslash; Python's str.split() also splits
-# on other Unicode whitespace (U+0085, U+3000, \x1c..\x1f), which a path may hold: see
-# test_mountinfo_path_with_unicode_whitespace (a finding).  Generated paths avoid those.
-_SPLIT_BY_PYTHON = "".join(c for c in map(chr, range(0x3001)) if c.isspace() and c not in " \t\n")
-path_text = st.text(st.characters(blacklist_characters="\x00" + _SPLIT_BY_PYTHON,
-                                  blacklist_categories=("Cs",)),
-                    min_size=1, max_size=20).map(lambda s: "/" + s)
+# The kernel escapes only space, tab, newline and backslash: a path may hold any other
+# character, among them what str.split() and str.splitlines() break at (U+0085, U+3000,
+# \r, \x0b, \x1c..\x1f, U+2028...).  No NUL: no path has one.
+path_text = st.text(st.characters(blacklist_characters="\x00"), min_size=1, max_size=20).map(lambda s: "/" + s)
 
 
 def kernel_escape(s: str) -> str:
@@ -159,25 +183,39 @@ def test_mountinfo_round_trips_kernel_escapes(mounts, junk):
     lines = [f"{i + 20} 1 0:{i} {kernel_escape(root)} {kernel_escape(mp)} rw,relatime shared:1 - {fs} "
              f"{kernel_escape(src)} rw" for i, (root, mp, fs, src) in enumerate(mounts)]
     parsed = mountinfo.parse("\n".join(lines))
-    assert [(m.root, m.mount_point, m.fstype, m.source) for m in parsed] == \
-        [(r, mp, fs, src) for r, mp, fs, src in mounts]
+    assert [(m.root, m.mount_point, m.fstype, m.source, m.devno) for m in parsed] == \
+        [(r, mp, fs, src, f"0:{i}") for i, (r, mp, fs, src) in enumerate(mounts)]
     for text in junk:
-        try:
-            mountinfo.parse(text)
-        except ValueError:
-            pass  # a non-numeric id: only a kernel bug could write that
+        mountinfo.parse(text)  # never raises: a line that is not a mount is skipped
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: kagent/runtime/mountinfo.py (and kagent/metrics.py filesystems()) split lines "
-    "with str.split(), which also splits on Unicode whitespace the kernel does not escape "
-    "(U+0085, U+3000, \\x1c-\\x1f): a mount point such as one UpdateEphemeralMounts or a storage "
-    "makes from a host-given path then shifts every later field.  Fix: line.split(' ')"))
-@pytest.mark.parametrize("odd", ["\x85", "\u3000", "\x1c"])
+# Regression (finding 5): lines were split with str.split() (and str.splitlines()), so such a
+# character in a mount point shifted every later field, or cut the line in two.
+ODD = ["\x85", "\u3000", "\x1c", "\x1d", "\x1e", "\x1f", "\r", "\x0b", "\x0c", "\u2028", "\u2029", "\xa0"]
+
+
+@pytest.mark.parametrize("odd", ODD, ids=[f"U+{ord(c):04X}" for c in ODD])
 def test_mountinfo_path_with_unicode_whitespace(odd):
-    line = f"36 35 98:0 / /run/a{odd}-{odd}b rw,relatime - tmpfs tmpfs rw"
-    (m,) = mountinfo.parse(line)
-    assert (m.mount_point, m.fstype, m.source) == (f"/run/a{odd}-{odd}b", "tmpfs", "tmpfs")
+    line = f"36 35 98:0 / /run/a{odd}-{odd}b rw,relatime - tmpfs tmpfs{odd}x rw\n" \
+           f"37 35 8:1 / /d{odd} rw - ext4 /dev/vd{odd}a rw\n"
+    first, second = mountinfo.parse(line)
+    assert (first.mount_point, first.fstype, first.source, first.super_options) == \
+        (f"/run/a{odd}-{odd}b", "tmpfs", f"tmpfs{odd}x", "rw")
+    assert (second.mount_point, second.source, second.devno) == (f"/d{odd}", f"/dev/vd{odd}a", "8:1")
+    assert filesystems(line) == [(f"/d{odd}", f"vd{odd}a")]
+
+
+def test_mountinfo_empty_source_is_a_field():
+    # mount("", ...) is shown as two spaces: the source is "", the superblock options follow
+    (m,) = mountinfo.parse("73 50 0:41 / /tmp/x rw,relatime - tmpfs  rw")
+    assert (m.fstype, m.source, m.super_options) == ("tmpfs", "", "rw")
+
+
+def test_mountinfo_file_keeps_carriage_returns_and_undecodable_names(tmp_path):
+    path = tmp_path / "mountinfo"
+    path.write_bytes(b"36 35 98:0 / /run/a\rb\xff rw - tmpfs tmpfs rw\n")
+    (m,) = mountinfo.read_file(str(path))
+    assert os.fsencode(m.mount_point) == b"/run/a\rb\xff"
 
 
 # --- uevents ---------------------------------------------------------------------------------

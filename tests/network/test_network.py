@@ -356,7 +356,7 @@ def test_iptables_plumbing_with_stand_in_tools(pair, tmp_path):
     assert ipt.set(False, b"*filter\nCOMMIT\n") == b"args: --wait 5\n*filter\nCOMMIT\n"
     with pytest.raises(AgentError, match="line 1 failed") as info:
         ipt.set(True, b"x")
-    assert info.value.code == Code.INTERNAL
+    assert info.value.code == Code.INVALID_ARGUMENT  # exit 2: iptables-restore refused the host's rules
 
 
 @pytest.mark.skipif(shutil.which("iptables-restore") is None and not os.path.exists("/usr/sbin/iptables-restore"),
