@@ -27,6 +27,7 @@ build: ## rebuild the protobuf modules and the Cython extensions in place
 	$(PY) setup.py -q build_ext --inplace
 
 test: $(STAMP) ## run the whole test suite (both fast-path and pure-Python twins)
+	$(PY) -m compileall -q kagent  # bytecode on disk: the suite starts hundreds of agents
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 fuzz: $(STAMP) ## fuzz every input surface long and random (KAGENT_FUZZ_EXAMPLES=N per target)
@@ -45,6 +46,7 @@ run: $(STAMP) ## start kagent on a unix socket, drive it with kagent-ctl, stop i
 	$(PY) -m kagent.demo
 
 bench: $(STAMP) ## run the benchmarks; writes bench/results.json and bench/results.md
+	$(PY) -m compileall -q kagent  # as the guest image has it (vm/build_initrd.py)
 	$(PY) -m bench
 
 initrd: $(STAMP) ## build the guest image (Debian kernel, initramfs with Python, kagent, busybox; cached)
