@@ -102,8 +102,7 @@ def _mounted(proc_root: str) -> set[tuple[str, str]]:
     """(mount point, fstype) pairs; empty before any /proc exists."""
     for path in (os.path.join(proc_root, "proc/self/mountinfo"), "/proc/self/mountinfo"):
         try:
-            with open(path) as f:
-                return {(m.mount_point, m.fstype) for m in mountinfo.parse(f.read())}
+            return {(m.mount_point, m.fstype) for m in mountinfo.read_file(path)}
         except OSError:
             continue
     return set()
