@@ -99,8 +99,13 @@ class Agent:
         await self._start_observability()
         routes = build_routes(self.services())
         # The policy innermost: what it refuses is still traced; the metrics count every call.
+        # Without a policy, its interceptor joins only when SetPolicy installs one.
+        interceptors = [*tracing.interceptors()]
+        if self.policy.enforcing:
+            interceptors.append(self.policy.interceptor)
         self.server = Server(routes, limits=Limits.from_config(self.config), observers=[self.rpc_metrics],
-                             interceptors=[*tracing.interceptors(), self.policy.interceptor])
+                             interceptors=interceptors)
+        self.policy.on_enforcing = lambda: self.server.interceptors.append(self.policy.interceptor)
         try:
             await self.server.start(self.config.server_addr)
         except (OSError, ValueError) as exc:

@@ -345,6 +345,9 @@ class AgentPolicy:
         self.engine = engine
         self.failure = failure  # why the start-up policy did not load; cleared by SetPolicy
         self._order = asyncio.Lock()  # decisions in arrival order, one at a time
+        # Called once when a first policy makes this enforcing (there is no way back): the
+        # agent puts the interceptor on the RPC path only then, so no policy costs nothing.
+        self.on_enforcing: Callable[[], None] | None = None
 
     @classmethod
     def load(cls, configured: str | None, default_file: str = DEFAULT_POLICY_FILE) -> AgentPolicy:
@@ -426,14 +429,19 @@ class AgentPolicy:
                 engine = await asyncio.to_thread(Engine, request.policy)
             except PolicyLoadError as exc:
                 raise InvalidArgument(f"SetPolicy: the policy does not compile: {exc}") from None
+            was_enforcing = self.enforcing
             self.engine, self.failure = engine, None
+            if not was_enforcing and self.on_enforcing is not None:
+                self.on_enforcing()
         log.info("agent policy replaced", policy_bytes=len(request.policy),
                  allow_failures=engine.allow_failures)
 
     async def interceptor(self, ctx, request: Message, call_next: Callable[[], Awaitable[Message]]) -> Message:
         """The ttRPC interceptor: every grpc.AgentService call is decided before it runs."""
+        if ctx.service != AGENT_SERVICE or not self.enforcing:
+            return await call_next()
         rule = ctx.request_name
-        if not self.enforcing or ctx.service != AGENT_SERVICE or rule == "SetPolicyRequest":
+        if rule == "SetPolicyRequest":
             return await call_next()  # SetPolicy decides inside its handler, atomically
         try:
             decision = await self.check(request)

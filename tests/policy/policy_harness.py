@@ -76,35 +76,7 @@ async def connect(agent: AgentProc) -> Calls:
 
 def _main() -> int:
     import kagent.__main__
-    import kagent.agent
-    from kagent.policy import AgentPolicy
-    from kagent.service.policy import PolicyService
-    from kagent.ttrpc.server import Server
 
-    base = kagent.agent.Agent
-    agents: list = []
-
-    class PolicyAgent(base):  # type: ignore[misc, valid-type]
-        def __init__(self, config, zygote) -> None:
-            super().__init__(config, zygote)
-            if not hasattr(self, "policy"):
-                self.policy = AgentPolicy.load(config.policy_file)
-            agents.append(self)
-
-        def services(self) -> list[object]:
-            services = super().services()
-            if not any(isinstance(s, PolicyService) for s in services):
-                services.append(PolicyService(self))
-            return services
-
-    class PolicedServer(Server):
-        def __init__(self, routes, **kw) -> None:
-            if not kw.get("interceptors") and agents:
-                kw["interceptors"] = [agents[-1].policy.interceptor]
-            super().__init__(routes, **kw)
-
-    kagent.agent.Agent = PolicyAgent  # kagent.__main__.main imports it at call time
-    kagent.agent.Server = PolicedServer
     return kagent.__main__.main(sys.argv[1:])
 
 
