@@ -18,6 +18,8 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kagent.errors import ResourceExhausted
+
 MAX_RECORD = 1 << 20
 MAX_FDS = 16
 
@@ -42,22 +44,48 @@ def _decode(data: bytes, fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         if not isinstance(obj, dict):
             raise ValueError("record is not an object")
     except ValueError:
-        for fd in fds:
-            os.close(fd)
+        _close(fds)
         raise
     return obj, fds
 
 
-def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    """One record and its fds; None at EOF (the peer is gone)."""
-    data, fds, flags, _ = socket.recv_fds(sock, MAX_RECORD, MAX_FDS)
-    if not data and not fds:
-        return None
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        for fd in fds:
-            os.close(fd)
+def _close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+class FdsLost(ResourceExhausted, ValueError):
+    """A record arrived without (all of) its SCM_RIGHTS fds: the receiver is at its fd limit
+    (the kernel drops what it cannot install and sets MSG_CTRUNC).  The fds that did arrive
+    are closed.  ``record`` is the record itself, so that its sender can be answered.  A
+    ValueError too, as every record that cannot be delivered whole."""
+
+    def __init__(self, record: dict[str, Any], message: str) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+def _record(data: bytes, fds: list[int], flags: int, receiver: str,
+            sender: str) -> tuple[dict[str, Any], list[int]]:
+    """The record of one recvmsg, checked: whole, an object, with every fd it was sent with."""
+    if flags & socket.MSG_TRUNC:
+        _close(fds)
         raise ValueError("ipc record truncated")
-    return _decode(data, fds)
+    obj, fds = _decode(data, fds)
+    if flags & socket.MSG_CTRUNC:
+        _close(fds)
+        raise FdsLost(obj, f"{receiver} ran out of file descriptors (Too many open files): "
+                           f"the fds sent with a record from {sender} did not arrive")
+    return obj, fds
+
+
+def recv(sock: socket.socket, receiver: str = "this process") -> tuple[dict[str, Any], list[int]] | None:
+    """One record and its fds; None at EOF (the peer is gone).  ValueError for a record that
+    cannot be delivered (FdsLost when its fds did not all arrive)."""
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_RECORD, MAX_FDS)
+    if not data and not fds and not flags & socket.MSG_CTRUNC:
+        return None
+    return _record(data, fds, flags, receiver, "its peer")
 
 
 class ChannelClosed(ConnectionError):
@@ -87,11 +115,18 @@ class Channel:
             except OSError as exc:
                 self._close(exc)
                 return
-            if not data and not fds:
+            if not data and not fds and not flags & socket.MSG_CTRUNC:
                 self._close(None)
                 return
             try:
-                obj, fds = _decode(data, fds)
+                obj, fds = _record(data, fds, flags, "the agent", self.name)
+            except FdsLost as lost:
+                # A reply whose fds did not all arrive is no reply: fail its request (the fds
+                # that came are closed).  Events carry no fds, so there is nothing else to lose.
+                fut = self._pending.pop(lost.record.get("reply", 0), None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(lost)
+                continue
             except ValueError:
                 continue  # a malformed record from a peer is dropped, never fatal
             reply_to = obj.get("reply")
@@ -100,13 +135,11 @@ class Channel:
                 if fut is not None and not fut.done():
                     fut.set_result((obj, fds))
                 else:
-                    for fd in fds:
-                        os.close(fd)
+                    _close(fds)
             elif self.on_event is not None:
                 self.on_event(obj, fds)
             else:
-                for fd in fds:
-                    os.close(fd)
+                _close(fds)
 
     async def request(self, obj: dict[str, Any], fds: Sequence[int] = ()) -> tuple[dict[str, Any], list[int]]:
         """Send a request and wait for the record whose ``reply`` matches its ``id``."""
@@ -116,7 +149,10 @@ class Channel:
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            send(self.sock, {**obj, "id": rid}, fds)
+            try:
+                send(self.sock, {**obj, "id": rid}, fds)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ChannelClosed(f"{self.name} is gone: {exc}") from None
             return await fut
         finally:
             self._pending.pop(rid, None)

@@ -13,12 +13,21 @@ import json
 import os
 import re
 import signal
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kagent import ipc, passfd
 from kagent import log as klog
 from kagent.container import Container, Process
-from kagent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from kagent.errors import (
+    AgentError,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     from kagent.agent import Agent
@@ -30,6 +39,8 @@ _log = klog.get_logger("sandbox")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]+$")
 EXEC_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_RUN_DIR = "/run/kata-containers"
+WORKER_EXIT_GRACE = 2.0  # after a failed create: how long the worker may take to go by itself
+CGROUP_REMOVE_TIMEOUT = 10.0
 
 
 def check_id(kind: str, value: str, pattern: re.Pattern = ID_RE) -> str:
@@ -55,24 +66,37 @@ class Sandbox:
             raise NotFound(f"container {cid!r} not found")
         return container
 
-    async def _spawn_worker(self, cid: str) -> tuple[ipc.Channel, int]:
+    async def _spawn_worker(self, cid: str) -> tuple[ipc.Channel, int, int]:
+        """A worker for ``cid``: its channel, its pid and a pidfd (to wait for it, or kill it)."""
         zygote = self.agent.zygote_channel
         if zygote is None or zygote.closed.done():
             raise Unavailable("the zygote is gone: no new containers can be created")
         mine, theirs = ipc.socketpair()
         try:
-            reply, _ = await zygote.request({"op": "spawn", "entry": "container", "args": {"cid": cid}},
-                                            [theirs.fileno()])
-        except ipc.ChannelClosed:
+            try:
+                reply, fds = await zygote.request({"op": "spawn", "entry": "container", "args": {"cid": cid}},
+                                                  [theirs.fileno()])
+            except ipc.ChannelClosed:
+                raise Unavailable("the zygote is gone: no new containers can be created") from None
+            finally:
+                theirs.close()
+            for fd in fds:
+                os.close(fd)
+            if "error" in reply:
+                cls = ResourceExhausted if reply.get("kind") == "fds" else Unavailable
+                raise cls(f"cannot start a worker for container {cid}: {reply['error']}")
+            pid = int(reply["pid"])
+            # The worker blocks reading `mine` until we write or close it: its pid is not reused yet.
+            pidfd = os.pidfd_open(pid)
+        except BaseException:
+            mine.close()  # EOF: a worker that was forked exits at once
+            raise
+        try:
+            return ipc.Channel(mine, name=f"worker {cid}"), pid, pidfd
+        except BaseException:
+            os.close(pidfd)
             mine.close()
-            raise Unavailable("the zygote is gone: no new containers can be created") from None
-        finally:
-            theirs.close()
-        if "error" in reply:
-            mine.close()
-            raise Unavailable(f"cannot start a worker for container {cid}: {reply['error']}")
-        channel = ipc.Channel(mine, name=f"worker {cid}")
-        return channel, int(reply["pid"])
+            raise
 
     def _write_bundle(self, cid: str, spec: dict[str, Any]) -> str:
         bundle = os.path.join(self.run_dir, cid)
@@ -109,11 +133,9 @@ class Sandbox:
         if not isinstance(spec.get("root"), dict) or not spec["root"].get("path"):
             raise InvalidArgument(f"container {cid}: the OCI spec has no root.path")
         self._creating.add(cid)
-        channel = None
-        stored = False
-        claimed = None
+        made = _Made(cid)  # what this attempt has made so far: all undone if it fails
         try:
-            claimed = await self.claim_streams(ports or {})
+            made.claimed = claimed = await self.claim_streams(ports or {})
             pod = self.agent.pod
             pidns = None
             if (sandbox_pidns or pod.sandbox_pidns) and self.first_cid and cid != self.first_cid:
@@ -121,15 +143,16 @@ class Sandbox:
             if pod.created or pidns:  # join the pod's IPC/UTS (and pid) namespaces, add guest hooks
                 spec = pod.container_spec(spec, pidns_path=pidns)
             if storages:
-                stored = True
+                made.stored = True
                 await self.agent.storages.add(storages, cid)
             bundle = self._write_bundle(cid, spec)
-            channel, worker_pid = await self._spawn_worker(cid)
-            container = Container(cid, bundle, spec, channel, worker_pid)
+            made.cgroup = await asyncio.to_thread(self._new_cgroup, cid, spec)
+            channel, worker_pid, made.worker = await self._spawn_worker(cid)
+            made.container = container = Container(cid, bundle, spec, channel, worker_pid)
             channel.on_event = container.on_event
             reply, fds = await container.request("create", spec=spec, bundle=bundle, pipe_size=pipe_size,
                                                  cgroup_parent=self.agent.config.cgroup_parent)
-            init = Process.from_reply(cid, reply, fds, is_init=True)
+            made.init = init = Process.from_reply(cid, reply, fds, is_init=True)
             if claimed is not None:
                 init.attach_streams(claimed)
             container.add(init)
@@ -138,22 +161,89 @@ class Sandbox:
             for warning in reply.get("warnings") or ():
                 _log.warning("container set-up", container_id=cid, warning=warning)
             container.state = "created"
-            self.containers[cid] = container
-            self.first_cid = self.first_cid or cid
-            _log.info("container created", container_id=cid, init_pid=reply["pid"], worker_pid=worker_pid)
-            return container
         except BaseException:
-            if claimed is not None:
-                claimed.release()  # a no-op once the pumps own them
+            # Shielded: a second cancellation (deadline, then disconnect) must not stop the
+            # undo half-way; the id stays taken until it is done.
+            undo = asyncio.ensure_future(self._undo_create(made))
+            _UNDOING.add(undo)
+            undo.add_done_callback(_UNDOING.discard)
+            await asyncio.shield(undo)
+            raise
+        os.close(made.worker)
+        self.containers[cid] = container
+        self._creating.discard(cid)
+        self.first_cid = self.first_cid or cid
+        _log.info("container created", container_id=cid, init_pid=reply["pid"], worker_pid=worker_pid)
+        return container
+
+    def _new_cgroup(self, cid: str, spec: dict[str, Any]) -> str:
+        """The cgroup the worker will make for this container, "" if it makes none that a failed
+        create should remove: no cgroup parent, a cgroupsPath it will refuse anyway, or a cgroup
+        that exists already (another container's: never this one's to kill and remove)."""
+        parent = self.agent.config.cgroup_parent
+        if not parent:
+            return ""
+        from kagent.cgroups import container_path, new_manager
+
+        cgroups_path = (spec.get("linux") or {}).get("cgroupsPath") or ""
+        try:
+            path = container_path(cgroups_path, parent, cid)
+            new_manager(parent).open(cgroups_path, container_id=cid)
+        except NotFound:
+            return path
+        except AgentError:
+            return ""
+        return ""
+
+    async def _undo_create(self, made: _Made) -> None:
+        """The one way out of a failed CreateContainer, whatever step failed: the worker told to
+        go (EOF) and killed if it does not, what is in the cgroup it made killed and the cgroup
+        removed, the init's fds closed, streams, storages and bundle released.  The worker may
+        be dead already (its cgroup then holds what it left), or busy (running a hook)."""
+        cid = made.cid
+        try:
+            if made.claimed is not None:
+                made.claimed.release()  # a no-op once the pumps own them
             self.agent.oom_events.unwatch(cid)
-            if channel is not None:
-                channel.close()  # EOF: the worker kills what it made and exits
-            if stored:  # before the bundle: a storage may be mounted inside it
+            container = made.container
+            if container is not None:
+                container.state = "removed"  # we end the worker: not a "worker died" error
+                container.close_all()
+                container.channel.close()  # EOF: the worker kills what it made and exits
+            if made.init is not None:
+                made.init.close()  # not added when its streams could not be attached
+            if made.worker >= 0:
+                await _end_process(made.worker, WORKER_EXIT_GRACE)
+            # Only now is nobody left to make the cgroup, or to put a process in it.
+            if container is not None and made.cgroup and not self._cgroup_in_use(made.cgroup):
+                await asyncio.to_thread(self._remove_new_cgroup, container)
+            if made.stored:  # before the bundle: a storage may be mounted inside it
                 await self.agent.storages.remove(cid)
             self._remove_bundle(cid)
-            raise
+        except Exception as exc:
+            _log.warning("failed create not fully undone", container_id=cid, error=str(exc))
         finally:
+            if made.worker >= 0:
+                os.close(made.worker)
             self._creating.discard(cid)
+
+    def _cgroup_in_use(self, path: str) -> bool:
+        """Whether another container's cgroup is ``path`` or below it."""
+        return any(c.cgroup is not None and (c.cgroup.path == path or c.cgroup.path.startswith(path + "/"))
+                   for c in self.containers.values())
+
+    def _remove_new_cgroup(self, container: Container) -> None:
+        """Kill what is in the cgroup a failed create's worker made, and remove it."""
+        if container.cgroup is None:
+            from kagent.cgroups import new_manager
+
+            cgroups_path = (container.spec.get("linux") or {}).get("cgroupsPath") or ""
+            try:
+                container.cgroup = new_manager(self.agent.config.cgroup_parent).open(cgroups_path,
+                                                                                     container_id=container.cid)
+            except AgentError:
+                return  # the worker never made it (or removed it)
+        container.destroy_cgroup(CGROUP_REMOVE_TIMEOUT)
 
     def _watch_oom(self, container: Container) -> None:
         """Watch for OOM kills before the init can run: one that came before the watch
@@ -302,11 +392,56 @@ class Sandbox:
                 await asyncio.to_thread(container.cgroup.update_cpuset, guest, cpus)
 
     async def destroy(self) -> None:
+        await asyncio.gather(*_UNDOING, return_exceptions=True)  # failed creates undone first
         # The first container (the pod's pause container) last: others may share its pid ns.
         for cid in sorted(self.containers, key=lambda c: c == self.first_cid):
             with contextlib.suppress(Exception):
                 await self.remove_container(cid, 10)
         await asyncio.to_thread(remove_empty_cgroups, self.agent.config.cgroup_parent)
+
+
+@dataclass
+class _Made:
+    """What one CreateContainer has made so far (what its undo takes back)."""
+
+    cid: str
+    claimed: passfd.Claimed | None = None
+    stored: bool = False
+    cgroup: str = ""  # the cgroup its worker makes ("" = none of its own; see _new_cgroup)
+    worker: int = -1  # a pidfd of the worker
+    container: Container | None = None
+    init: Process | None = None
+
+
+_UNDOING: set[asyncio.Task] = set()  # undos in flight (one may outlive its cancelled request)
+
+
+async def _end_process(pidfd: int, grace: float) -> None:
+    """Wait ``grace`` seconds for the process to exit by itself, then SIGKILL it and wait."""
+    if await _exited(pidfd, grace):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    await _exited(pidfd, 5.0)
+
+
+async def _exited(pidfd: int, timeout: float) -> bool:
+    """Whether the process exits within ``timeout`` (a pidfd polls readable once it has)."""
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        await asyncio.wait_for(gone, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(pidfd)
 
 
 def handles_signal(pid: int, sig: int) -> bool:

@@ -9,6 +9,7 @@ Requests (one JSON record each, see kagent.ipc):
   {"op": "spawn", "id": N, "entry": NAME, "args": {...}} + fds[0] = the worker's socket
                                                -> {"reply": N, "pid": worker pid}
                                                   or {"reply": N, "error": text}
+                                                  ("kind": "fds" when the zygote is out of fds)
 Events the zygote sends on its own:
   {"event": "exit", "pid": P, "status": S}     a worker it forked was reaped
                                                (S = exit code, or 128+signal)
@@ -17,6 +18,7 @@ Events the zygote sends on its own:
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import os
 import select
@@ -36,6 +38,10 @@ ENTRIES: dict[str, str] = {
     "container": "kagent.worker.main:run",
     "console": "kagent.console.shell:shell_entry",
 }
+# Entries whose worker leads a process group of its own: when it dies, what it leaves in that
+# group (a hook it was running, a child not yet in a session of its own) is killed before it
+# is reaped.  Not the console: a shell makes a session of its own, which a group leader cannot.
+GROUPED = {"container"}
 
 
 def register_entry(name: str, target: str) -> None:
@@ -142,6 +148,9 @@ def serve(sock: socket.socket) -> int:
         import kagent.runtime.container  # noqa: F401
         import kagent.runtime.stdio  # noqa: F401
         import kagent.worker.main  # noqa: F401
+    # What the zygote holds now is every worker's too: out of the collector's reach, so a
+    # worker's garbage collection never writes to (and so never copies) those pages.
+    gc.freeze()
     # Die with the supervisor: a zygote without its agent has no purpose.
     _set_pdeathsig(signal.SIGKILL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -149,7 +158,7 @@ def serve(sock: socket.socket) -> int:
     rd, wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wr)
-    workers: set[int] = set()
+    workers: dict[int, bool] = {}  # pid -> leads a process group of its own
     while True:
         ready, _, _ = select.select([sock, rd], [], [], 5.0)
         if rd in ready:
@@ -159,7 +168,13 @@ def serve(sock: socket.socket) -> int:
         if sock not in ready:
             continue
         try:
-            got = ipc.recv(sock)
+            got = ipc.recv(sock, "the zygote")
+        except ipc.FdsLost as lost:
+            # A spawn whose socket did not arrive (we are at our fd limit): answer it, or the
+            # supervisor waits for the reply forever.
+            with contextlib.suppress(OSError):
+                ipc.send(sock, {"reply": lost.record.get("id"), "error": str(lost), "kind": "fds"})
+            continue
         except ValueError:
             continue  # malformed record: ignore, keep serving
         except OSError:
@@ -170,7 +185,7 @@ def serve(sock: socket.socket) -> int:
         _handle(sock, msg, fds, workers)
 
 
-def _handle(sock: socket.socket, msg: dict, fds: list[int], workers: set[int]) -> None:
+def _handle(sock: socket.socket, msg: dict, fds: list[int], workers: dict[int, bool]) -> None:
     rid = msg.get("id")
     op = msg.get("op")
     try:
@@ -180,13 +195,20 @@ def _handle(sock: socket.socket, msg: dict, fds: list[int], workers: set[int]) -
             if len(fds) != 1:
                 raise ValueError("spawn needs exactly one fd: the worker's socket")
             entry = _resolve(str(msg.get("entry")))
+            grouped = msg.get("entry") in GROUPED
             wsock = socket.socket(fileno=fds.pop())
             pid = os.fork()
             if pid == 0:
                 sock.close()
+                if grouped:
+                    with contextlib.suppress(OSError):
+                        os.setpgid(0, 0)
                 _run_worker(entry, wsock, msg.get("args") or {}, set())
+            if grouped:  # on both sides: whichever runs first, the group exists before any request
+                with contextlib.suppress(OSError):
+                    os.setpgid(pid, pid)
             wsock.close()
-            workers.add(pid)
+            workers[pid] = grouped
             ipc.send(sock, {"reply": rid, "pid": pid})
         else:
             raise ValueError(f"unknown zygote op {op!r}")
@@ -199,15 +221,19 @@ def _handle(sock: socket.socket, msg: dict, fds: list[int], workers: set[int]) -
                 os.close(fd)
 
 
-def _reap(sock: socket.socket, workers: set[int]) -> None:
+def _reap(sock: socket.socket, workers: dict[int, bool]) -> None:
     while True:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            # WNOWAIT: seen, not reaped yet, so its pid (its group's id) is no one else's yet.
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return
-        if pid == 0:
+        if info is None:
             return
-        workers.discard(pid)
+        if workers.pop(info.si_pid, False):
+            with contextlib.suppress(OSError):
+                os.killpg(info.si_pid, signal.SIGKILL)
+        pid, status = os.waitpid(info.si_pid, 0)
         with contextlib.suppress(OSError):
             ipc.send(sock, {"event": "exit", "pid": pid, "status": exit_status(status)})
 

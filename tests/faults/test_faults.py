@@ -15,11 +15,12 @@ import psutil
 import pytest
 import reliability_harness as harness
 
-from kagent import devtools, oci, protocols
+from kagent import devtools, ipc, oci, protocols
 from kagent.protocols import agent_pb2
 from kagent.ttrpc import framing
 from kagent.ttrpc.codes import Code
 from kagent.ttrpc.status import RpcError
+from kagent.zygote import fork_zygote
 
 pytestmark = pytest.mark.root
 
@@ -93,11 +94,6 @@ def worker_of(agent, cid: str, timeout: float = 5) -> psutil.Process:
 # --- workers, inits and hooks ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: kagent/sandbox.py create_container, when the worker dies before its reply, only "
-    "closes the channel: the container's cgroup (made by the dead worker) stays, with the "
-    "container's init still in it.  Fix: on Unavailable during create, kill and remove the "
-    "cgroup the spec names (as remove_container does with destroy_cgroup)"))
 async def test_worker_killed_during_create(agent):
     """SIGKILL the worker while a prestart hook runs: CreateContainer fails promptly, and
     the container's init, the hook and the cgroup are all gone."""
@@ -231,12 +227,6 @@ def _prlimit_nofile(pid: int, soft: int, hard: int | None = None) -> None:
     subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={limit}"], check=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding: kagent/ipc.py Channel._readable ignores MSG_CTRUNC.  At the fd limit the kernel "
-    "delivers only some of a reply's SCM_RIGHTS fds; Process.from_reply then fails with "
-    "'INTERNAL: ValueError: not enough values to unpack' and the fds that did arrive leak.  Fix: "
-    "on MSG_CTRUNC close what arrived and fail the request with a clear error (EMFILE, "
-    "RESOURCE_EXHAUSTED)"))
 async def test_emfile_during_set_up(agent):
     """The agent's fd limit lowered to just above what it holds, step by step, so that set-up
     runs out at every point (bundle, socketpair, received stdio fds): each CreateContainer
@@ -256,6 +246,8 @@ async def test_emfile_during_set_up(agent):
                     await calls.create("emfile", spec(agent))
                 except RpcError as err:
                     messages.append(err.message)
+                    if "ran out of file descriptors" in err.message:  # the reply's fds did not all arrive
+                        assert err.code == Code.RESOURCE_EXHAUSTED, err
                 else:
                     await calls.RemoveContainer(container_id="emfile")
                     messages.append("created")
@@ -264,10 +256,48 @@ async def test_emfile_during_set_up(agent):
             assert agent.alive()
             assert await harness.settle(agent, connected, timeout=10, rss_slack=16 << 20) == [], (room, messages)
         await works(agent, calls)
-    harness.figure("EMFILE sweep", outcomes=len(messages))
+    harness.figure("EMFILE sweep", outcomes=len(messages),
+                   replies_without_their_fds=sum("ran out of file descriptors" in m for m in messages))
     for m in messages:
         assert m == "created" or "Too many open files" in m or "file descriptors" in m, messages
+    assert any("ran out of file descriptors" in m for m in messages), ("no reply lost its fds", messages)
     await nothing_left(agent, base, "emfile")
+
+
+def test_zygote_at_its_fd_limit_answers_a_spawn():
+    """A spawn whose socket the zygote cannot receive (MSG_CTRUNC) is answered with an error,
+    not dropped (the supervisor would wait for the reply forever); then the zygote goes on."""
+    handle = fork_zygote()
+    try:
+        handle.sock.settimeout(10)
+        assert _zygote_request(handle.sock, {"op": "ping", "id": 1})[0]["pid"] == handle.pid
+        held = {int(n) for n in os.listdir(f"/proc/{handle.pid}/fd")}
+        _prlimit_nofile(handle.pid, min(set(range(len(held) + 1)) - held))  # the next fd is over the limit
+        mine, theirs = ipc.socketpair()
+        with mine:
+            reply, fds = _zygote_request(handle.sock, {"op": "spawn", "id": 2, "entry": "probe"}, [theirs.fileno()])
+            theirs.close()
+            assert fds == [] and reply.get("kind") == "fds" and "ran out of file descriptors" in reply["error"], reply
+        _prlimit_nofile(handle.pid, 1024)
+        mine, theirs = ipc.socketpair()
+        with mine:
+            reply, _ = _zygote_request(handle.sock, {"op": "spawn", "id": 3, "entry": "probe"}, [theirs.fileno()])
+            theirs.close()
+            assert ipc.recv(mine)[0]["pid"] == reply["pid"]  # the probe worker ran
+    finally:
+        handle.sock.close()  # EOF: the zygote exits by itself
+        os.waitpid(handle.pid, 0)
+
+
+def _zygote_request(sock, msg, fds=()):
+    ipc.send(sock, msg, fds)
+    while True:
+        got = ipc.recv(sock)
+        assert got is not None, "the zygote closed its socket"
+        if got[0].get("reply") == msg["id"]:
+            return got
+        for fd in got[1]:
+            os.close(fd)
 
 
 async def test_accept_under_emfile_does_not_spin(agent):
