@@ -1,7 +1,6 @@
 """Regression tests for what the fuzzers found in spec and request handling (see
-tests/fuzz/FINDINGS.md).  A strict xfail names the file and the fix: when the owner
-fixes it the test passes, the xfail turns into a failure, and the marker comes off.
-Runs on a sandboxed agent (some specs here lack namespaces on purpose)."""
+tests/fuzz/FINDINGS.md): each bad input gets a clear error with the right code, and the
+agent goes on.  Runs on a sandboxed agent (some specs here lack namespaces on purpose)."""
 
 from __future__ import annotations
 
