@@ -16,7 +16,7 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kagent import ipc, passfd
+from kagent import ipc, passfd, tracing
 from kagent import log as klog
 from kagent.container import Container, Process
 from kagent.errors import (
@@ -144,14 +144,19 @@ class Sandbox:
                 spec = pod.container_spec(spec, pidns_path=pidns)
             if storages:
                 made.stored = True
-                await self.agent.storages.add(storages, cid)
+                with tracing.span("storage mount", container_id=cid, storages=len(storages)):
+                    await self.agent.storages.add(storages, cid)
             bundle = self._write_bundle(cid, spec)
             made.cgroup = await asyncio.to_thread(self._new_cgroup, cid, spec)
-            channel, worker_pid, made.worker = await self._spawn_worker(cid)
+            with tracing.span("worker fork", container_id=cid):
+                channel, worker_pid, made.worker = await self._spawn_worker(cid)
             made.container = container = Container(cid, bundle, spec, channel, worker_pid)
             channel.on_event = container.on_event
-            reply, fds = await container.request("create", spec=spec, bundle=bundle, pipe_size=pipe_size,
-                                                 cgroup_parent=self.agent.config.cgroup_parent)
+            with tracing.span("container set-up", container_id=cid):  # the worker's steps: its children
+                reply, fds = await container.request("create", spec=spec, bundle=bundle, pipe_size=pipe_size,
+                                                     cgroup_parent=self.agent.config.cgroup_parent,
+                                                     timings=tracing.enabled())
+                tracing.record_steps(reply.get("timings"))
             made.init = init = Process.from_reply(cid, reply, fds, is_init=True)
             if claimed is not None:
                 init.attach_streams(claimed)

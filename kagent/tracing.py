@@ -110,6 +110,20 @@ def interceptors() -> list[Callable[..., Awaitable[Any]]]:
     return [rpc_interceptor] if _tracer is not None else []
 
 
+def record_steps(timings: Any) -> None:
+    """Child spans of the current one for steps another process timed (the container worker
+    and its init, which have no tracer): ``[[name, start_ns, end_ns], ...]``, wall clock."""
+    tracer = _tracer
+    if tracer is None or not isinstance(timings, list):
+        return
+    for item in timings:
+        try:
+            name, start, end = str(item[0]), int(item[1]), int(item[2])
+        except (TypeError, ValueError, IndexError):
+            continue  # a worker is ours, but its records are still only data
+        tracer.start_span(name, start_time=start).end(end_time=end)
+
+
 def rpc_name(method: str) -> str:
     """CreateContainer → create_container (upstream's span names)."""
     name = _names.get(method)

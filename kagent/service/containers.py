@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from google.protobuf import empty_pb2
 from google.protobuf.json_format import MessageToDict
 
-from kagent import cgroups, oci
+from kagent import cgroups, oci, tracing
 from kagent.devices import handlers
 from kagent.errors import FailedPrecondition, InvalidArgument, Unavailable
 from kagent.protocols import agent_pb2
@@ -46,7 +46,8 @@ class ContainerService:
             spec.setdefault("process", {})["stringUser"] = _string_user(req.string_user)
         if req.devices:
             # Wait for each hot-plugged device; the spec gets the guest's major/minor.
-            await handlers.add_devices(self.agent.devices, req.devices, spec)
+            with tracing.span("device wait", container_id=req.container_id, devices=len(req.devices)):
+                await handlers.add_devices(self.agent.devices, req.devices, spec)
         await self.sandbox.create_container(req.container_id, spec, pipe_size=self._pipe_size(),
                                             storages=req.storages, sandbox_pidns=req.sandbox_pidns,
                                             ports=_ports(req))

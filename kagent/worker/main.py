@@ -10,8 +10,8 @@ kill the process without a pid-reuse race, even if this worker dies.
 Requests (kagent.ipc records, answered with {"reply": id, ...} or
 {"reply": id, "error": {"kind", "message", ...}}; kind is the status code name of the
 domain error raised, e.g. "INVALID_ARGUMENT", and a set-up failure adds its step, path, errno):
-  create {spec, bundle, pipe_size, cgroup_parent}
-                                          -> {pid, terminal, cgroup_path, warnings}
+  create {spec, bundle, pipe_size, cgroup_parent, timings}
+                                          -> {pid, terminal, cgroup_path, warnings, timings}
                                              + fds [pidfd, stdin, stdout(, stderr)]
   start                                   -> {}
   exec   {exec_id, process, pipe_size}    -> {pid, terminal} + fds as for create
@@ -30,6 +30,7 @@ import select
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from kagent import ipc
@@ -56,6 +57,19 @@ def error_fields(exc: Exception) -> dict:
     if isinstance(exc, AgentError):
         return {"kind": exc.code.name, "message": exc.message}
     return {"kind": Code.INTERNAL.name, "message": f"{type(exc).__name__}: {exc}"}  # a bug
+
+
+@contextlib.contextmanager
+def _timed(timings: list | None, name: str) -> Iterator[None]:
+    """Time a step for the supervisor's trace (it has the tracer); nothing when not asked."""
+    if timings is None:
+        yield
+        return
+    start = time.time_ns()
+    try:
+        yield
+    finally:
+        timings.append([name, start, time.time_ns()])
 
 
 class Worker:
@@ -134,13 +148,16 @@ class Worker:
             raise AlreadyExists(f"container {self.cid} was already created")
         spec = msg["spec"]
         self.bundle = msg["bundle"]
-        warnings = self._create_cgroup(spec, msg.get("cgroup_parent"))
+        timings: list | None = [] if msg.get("timings") else None  # asked for when tracing is on
+        with _timed(timings, "cgroup apply"):
+            warnings = self._create_cgroup(spec, msg.get("cgroup_parent"))
         terminal = bool(spec.get("process", {}).get("terminal"))
         try:
             parent, child = make_stdio(terminal, int(msg.get("pipe_size") or 0))
             try:
-                handle = start_init(spec, self.bundle, child, container_id=self.cid,
-                                    on_forked=self.cgroup.apply if self.cgroup else None)
+                with _timed(timings, "init set-up (namespaces, rootfs, process)"):
+                    handle = start_init(spec, self.bundle, child, container_id=self.cid,
+                                        on_forked=self.cgroup.apply if self.cgroup else None)
             except BaseException:
                 parent.close()
                 raise
@@ -153,6 +170,8 @@ class Worker:
         extra, fds = self._process_reply(handle.pid, parent)
         extra["cgroup_path"] = self.cgroup.path if self.cgroup else ""
         extra["warnings"] = warnings + list(handle.warnings)
+        if timings is not None:
+            extra["timings"] = timings
         return extra, fds
 
     def _create_cgroup(self, spec: dict, parent: str | None) -> list[str]:
@@ -186,7 +205,15 @@ class Worker:
             raise FailedPrecondition(f"container {self.cid} has no init to start")
         if self.init.started:
             raise FailedPrecondition(f"container {self.cid} is already started")
-        self.init.start()
+        try:
+            self.init.start()
+        except BaseException:
+            if self.init.reaped and self.procs.pop(self.init.pid, None) is not None:
+                # start() reaped it: report the exit here, or WaitProcess on it never returns
+                status = self.init.status
+                code = 128 + signal.SIGKILL if status is None else exit_status(status)
+                self._report(self.init.pid, self.cid, code)
+            raise
         return {"warnings": list(self.init.warnings)}, []
 
     def op_exec(self, msg: dict) -> tuple[dict, list[int]]:
@@ -234,8 +261,9 @@ class Worker:
     def op_destroy(self, msg: dict) -> tuple[dict, list[int]]:
         timeout = float(msg.get("timeout") or 0) or DESTROY_GRACE
         self.destroying = True
-        if self.init is not None and not self.init.started:
-            self.init.abort()  # never started: kill and reap it now
+        if self.init is not None and not self.init.started and self.init.pid in self.procs:
+            # never started and not reaped yet (so its pid is still ours): kill and reap it now
+            self.init.abort()
             self.procs.pop(self.init.pid, None)
             self._report(self.init.pid, self.cid, 128 + signal.SIGKILL)
         if self.cgroup is not None:

@@ -80,6 +80,10 @@ class Setup:
             return []
 
 
+def _ns(t: dict) -> int:
+    return t["secs_since_epoch"] * 10**9 + t["nanos_since_epoch"]
+
+
 def _samples(text: str) -> dict[tuple[str, tuple], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in parse_text(text) for s in f.samples}
 
@@ -160,9 +164,24 @@ async def test_container_start_moves_the_counters():
         await calls.client.close()
     finally:
         rc, log = setup.stop()
+        spans = setup.spans()
         shutil.rmtree(setup.dir, ignore_errors=True)
         shutil.rmtree(top, ignore_errors=True)
     assert rc == 0, log[-3000:]
+    # CreateContainer's span has its main steps as children, the worker's steps among them
+    # (timed there, where no tracer runs, and joined to the RPC's trace by the supervisor).
+    by_id = {s["span_context"]["span_id"]: s for s in spans}
+    create = next(s for s in spans if s["name"] == "create_container")
+    kids = {s["name"]: s for s in spans if s["parent_span_id"] == create["span_context"]["span_id"]}
+    assert {"worker fork", "container set-up"} <= set(kids), sorted(kids)
+    setup_id = kids["container set-up"]["span_context"]["span_id"]
+    steps = {s["name"] for s in spans if s["parent_span_id"] == setup_id}
+    assert {"cgroup apply", "init set-up (namespaces, rootfs, process)"} <= steps, steps
+    for s in spans:
+        if s["parent_span_id"] in by_id:  # a child lies within its parent
+            parent = by_id[s["parent_span_id"]]
+            assert _ns(parent["start_time"]) <= _ns(s["start_time"]) <= _ns(s["end_time"]) <= \
+                _ns(parent["end_time"]), (s["name"], parent["name"])
 
     def moved(name, labels=()):
         return during.get((name, labels), 0) - before.get((name, labels), 0)
