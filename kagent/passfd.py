@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kagent import log as klog
+from kagent import stdio
 from kagent.errors import NotFound
 from kagent.ttrpc.addresses import Address, parse
 from kagent.ttrpc.transports import _bind_unix, _bind_vsock
@@ -161,9 +162,11 @@ class Pump:
     STEP_MOVES = 64  # moves per callback before letting the loop run other work
 
     def __init__(self, src: int, dst: int, *, name: str, splice: bool = True, src_is_pty: bool = False,
-                 exited: asyncio.Future | None = None, on_end: Callable[[], None] | None = None) -> None:
+                 exited: asyncio.Future | None = None, on_end: Callable[[], None] | None = None,
+                 direction: str = "out") -> None:
         self.src, self.dst, self.name = src, dst, name
         self.splice = splice and not src_is_pty
+        self._counter = (direction, "splice" if self.splice else "copy")  # key of kagent.stdio.BYTES
         self.src_is_pty = src_is_pty
         self.exited = exited
         self.on_end = on_end
@@ -209,6 +212,7 @@ class Pump:
         if self._buf is None:
             n = os.splice(self.src, self.dst, CHUNK, flags=SPLICE_FLAGS)
             self.moved += n
+            stdio.BYTES[self._counter] += n
             return n
         if not self._left:  # the copy path (a pty end): one chunk at a time, finished before the next
             n = os.readv(self.src, [self._buf])
@@ -218,6 +222,7 @@ class Pump:
         while self._left:
             k = os.write(self.dst, self._left)
             self.moved += k
+            stdio.BYTES[self._counter] += k
             self._left = self._left[k:]
         return 1
 
@@ -336,7 +341,7 @@ def attach(claimed: Claimed, proc: Any) -> Streams:
     if "stdin" in socks and proc.stdin is not None:
         sock = socks.pop("stdin")
         pumps.append(Pump(_own(sock), os.dup(proc.stdin.fd), name=f"{label} stdin", splice=not pty,
-                          on_end=proc.stdin.close))
+                          on_end=proc.stdin.close, direction="in"))
     for name in ("stdout", "stderr"):
         stream = getattr(proc, name)
         if name in socks and stream is not None:

@@ -47,6 +47,11 @@ MODE = "copy" if os.environ.get("KAGENT_STDIO") == "copy" else "splice"
 
 _EMPTY = agent_pb2.ReadStreamResponse()
 
+#: Stdio bytes moved, by (direction, path): "out" (to the host) or "in" (from it), "copy"
+#: (through user space) or "splice" (page references, pipe ⇄ socket); the direct streams of
+#: kagent.passfd count here too.  Plain ints on the hot path; metrics read them at scrape time.
+BYTES: dict[tuple[str, str], int] = {(d, p): 0 for d in ("out", "in") for p in ("copy", "splice")}
+
 
 def fionread(fd: int) -> int:
     """Bytes waiting in a pipe or pty (FIONREAD)."""
@@ -121,6 +126,7 @@ class PipeReply(RawReply):
         if MODE == "splice" and not stream.pty and connection.can_splice:
             count = min(self.ready, self.size)
             connection.send_spliced(reply_head(stream_id, count), stream.fd, count, stream._spliced)
+            BYTES["out", "splice"] += count
             return
         buf = _buffers.take()
         try:
@@ -138,6 +144,7 @@ class PipeReply(RawReply):
             raise
         stream._release()
         connection.send_borrowed([reply_head(stream_id, count), view[:count]], lambda: _buffers.give(buf))
+        BYTES["out", "copy"] += count
 
     def discard(self) -> None:
         """Not sent: the bytes stay in the pipe for the next read."""
@@ -188,7 +195,10 @@ class OutputStream:
         if type(got) is int:
             return PipeReply(self, got, size)
         self._release()
-        return agent_pb2.ReadStreamResponse(data=got) if got else _EMPTY
+        if not got:
+            return _EMPTY
+        BYTES["out", "copy"] += len(got)
+        return agent_pb2.ReadStreamResponse(data=got)
 
     async def read(self, size: int) -> bytes:
         """One read of up to ``size`` bytes, as bytes; b"" is EOF."""
@@ -290,6 +300,7 @@ class InputStream:
                         raise BrokenPipeError(errno.EPIPE, "stdin was closed during the write")
                     try:
                         n = os.write(self.fd, view)
+                        BYTES["in", "copy"] += n
                     except BlockingIOError:
                         ready = asyncio.ensure_future(_wait_fd(self.fd, True))
                         try:
