@@ -52,7 +52,7 @@ class Agent:
         self.policy = AgentPolicy.load(config.policy_file)  # none configured: everything allowed
         self.uevents: UeventListener | None = None
         self.metrics = AgentMetrics()
-        self.rpc_metrics = RpcMetrics(self.metrics.registry, self)
+        self.rpc_metrics = RpcMetrics(self.metrics, self)
         self.console = None  # kagent.console.DebugConsole when agent.debug_console
         self.log_forwarder = None  # kagent.logforward.LogForwarder when agent.log_vport
         self.metrics_endpoint = None  # kagent.rpcmetrics.MetricsEndpoint when agent.metrics_addr
@@ -164,7 +164,7 @@ class Agent:
             except (OSError, ValueError, ImportError) as exc:
                 _log.error("tracing not started", error=str(exc))
         if cfg.metrics_addr:
-            endpoint = MetricsEndpoint(self.metrics.registry, cfg.metrics_addr)
+            endpoint = MetricsEndpoint(self.metrics, cfg.metrics_addr)
             try:
                 await endpoint.start()
                 self.metrics_endpoint = endpoint

@@ -20,7 +20,6 @@ import math
 import os
 import re
 import stat
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -595,6 +594,8 @@ def _apply_toml(layers: _Layers, path: str) -> None:
     except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         layers.warnings.append(f"{where}: cannot read: {_describe_error(exc)}")
         return
+    import tomllib  # here, not at start-up: most agents have no config file
+
     try:
         doc = tomllib.loads(text)
     except Exception as exc:  # TOMLDecodeError, or RecursionError on absurd nesting

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kagent import __version__, init
+from kagent import __version__
 from kagent.errors import (
     AgentError,
     FailedPrecondition,
@@ -112,6 +112,9 @@ def kernel_has_seccomp(root: str = "/") -> bool:
 
 def guest_details(want_block_size: bool, want_probe: bool, *, storage_handlers: Iterable[str] = (),
                   root: str = "/") -> GuestDetails:
+    # Imported here: as the guest's init the agent has it already, elsewhere start-up need not.
+    from kagent import init
+
     seccomp = kernel_has_seccomp(root)
     return GuestDetails(
         mem_block_size_bytes=memory_block_size(root) if want_block_size else 0,

@@ -8,7 +8,11 @@ scrape, so a vanished interface, disk or mount vanishes from the output too.
 The text is encoded as upstream's (Rust prometheus TextEncoder) is: a counter keeps
 its own name (``kata_agent_scrape_count 3``, no ``_total`` and no ``_created``), so
 the host sees the same family names from kagent as from the Rust agent.  Other
-parts may register more collectors in ``AgentMetrics.registry``.
+parts add their collectors with ``AgentMetrics.register``.
+
+prometheus-client is imported by what runs at scrape time (the registry is built at the
+first scrape, the families made in ``collect``), never at start-up: importing it costs
+about as much as the rest of the agent's start-up imports.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
-
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
+from typing import TYPE_CHECKING, Any
 
 from kagent.log import get_logger
 from kagent.runtime import mountinfo
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 log = get_logger("metrics")
 
@@ -184,6 +190,8 @@ def filesystems(mountinfo_text: str) -> list[tuple[str, str]]:
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    from prometheus_client.metrics_core import GaugeMetricFamily
+
     return GaugeMetricFamily(name, doc, labels=labels)
 
 
@@ -245,6 +253,8 @@ def _guarded(*sections: Callable[[], Iterator[Metric]]) -> Iterator[Metric]:
 
 
 def _one(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    from prometheus_client.metrics_core import GaugeMetricFamily
+
     return GaugeMetricFamily(name, doc, value=value)
 
 
@@ -351,12 +361,34 @@ class GuestCollector:
 # --- the registry and its encoding -------------------------------------------------------------
 
 
+def created_series() -> bool:
+    """Whether counters and histograms carry ``_created`` samples, for the families kagent
+    keeps as plain numbers: prometheus-client's own switch, PROMETHEUS_DISABLE_CREATED_SERIES."""
+    return os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in ("true", "1", "t")
+
+
+class _ScrapeCounter:
+    """kata_agent_scrape_count, from ``AgentMetrics.scrapes``."""
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily
+
+        created = self.metrics.created if created_series() else None
+        yield CounterMetricFamily("kata_agent_scrape_count", "Metrics scrape count",
+                                  value=self.metrics.scrapes, created=created)
+
+
 def _escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def encode(registry: CollectorRegistry) -> str:
     """Prometheus text format 0.0.4 with upstream's counter naming; empty families omitted."""
+    from prometheus_client.utils import floatToGoString
+
     out: list[str] = []
     for family in registry.collect():
         if not family.samples:
@@ -378,21 +410,48 @@ def encode(registry: CollectorRegistry) -> str:
 
 
 class AgentMetrics:
-    """The private registry behind GetMetrics."""
+    """The private registry behind GetMetrics and the HTTP endpoint, made at the first scrape."""
 
     def __init__(self, proc: str = "/proc", pid: int | str = "self", mountinfo: str | None = None,
                  statvfs: Callable[[str], os.statvfs_result] = os.statvfs) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.scrapes = Counter("kata_agent_scrape_count", "Metrics scrape count", registry=self.registry)
-        self.registry.register(ProcessCollector(proc, pid))
-        self.registry.register(GuestCollector(proc, mountinfo, statvfs))
+        self.scrapes = 0  # GetMetrics calls (kata_agent_scrape_count)
+        self.created = time.time()  # the counter's _created: counting starts with the agent
+        self._collectors: list[Any] = [_ScrapeCounter(self), ProcessCollector(proc, pid),
+                                       GuestCollector(proc, mountinfo, statvfs)]
+        self._registry: CollectorRegistry | None = None
+        self._registry_lock = threading.Lock()  # scrapes run in threads: one registry
         self._lock = threading.Lock()  # one scrape at a time: collectors read many files
 
+    def register(self, collector: Any) -> None:
+        """Add a collector (an object with ``collect()``); the families keep this order."""
+        with self._registry_lock:
+            if self._registry is None:
+                self._collectors.append(collector)
+            else:
+                self._registry.register(collector)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """prometheus-client's registry, made at first use with every collector added so far."""
+        if self._registry is None:
+            with self._registry_lock:
+                if self._registry is None:
+                    from prometheus_client import CollectorRegistry
+
+                    registry = CollectorRegistry(auto_describe=False)
+                    for collector in self._collectors:
+                        registry.register(collector)
+                    self._collectors = []
+                    self._registry = registry
+        return self._registry
+
     def scrape(self) -> str:
+        registry = self.registry
         with self._lock:
-            self.scrapes.inc()
-            return encode(self.registry)
+            self.scrapes += 1
+            return encode(registry)
 
     async def gather(self) -> str:
-        """A scrape off the event loop (it reads dozens of /proc files and statfs's mounts)."""
+        """A scrape off the event loop (it reads dozens of /proc files and statfs's mounts; the
+        first one also imports prometheus-client)."""
         return await asyncio.to_thread(self.scrape)

@@ -15,9 +15,10 @@ On the registry of ``kagent.metrics.AgentMetrics`` (so GetMetrics returns them t
 The RPC families come from the server's observer hooks (``RpcMetrics.begin``/``end``: no
 coroutine layer on the RPC path), which keep plain
 numbers that a collector turns into families at scrape time; the start-latency families are the
-same measurement for the RPCs that start things; workers, uevents and OOM kills are
-read from the agent's own state at scrape time (``AgentStateCollector``), so the hot paths
-that produce them only bump an integer.
+same measurement for the RPCs that start things, kept the same way; workers, uevents and OOM
+kills are read from the agent's own state at scrape time (``AgentStateCollector``), so the hot
+paths that produce them only bump an integer.  prometheus-client is imported by the code that
+runs at scrape time only (as in kagent.metrics): start-up does not pay for it.
 
 ``MetricsEndpoint`` serves ``GET /metrics`` for scraping through a forwarded port: an asyncio
 server on the agent's loop (no thread, no fork), the text rendered in a worker thread (the
@@ -29,34 +30,51 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import os
 import re
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
-
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.utils import floatToGoString
+from typing import TYPE_CHECKING, Any
 
 from kagent import log as klog
+from kagent.metrics import created_series
 from kagent.ttrpc.codes import Code
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from kagent.metrics import AgentMetrics
 
 _log = klog.get_logger("metrics")
 
 RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
-_BUCKET_LABELS = tuple(floatToGoString(b) for b in RPC_BUCKETS)
 START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
-# RPCs whose successful latency is also a "how long does it take to start X" family.
-_STARTS = {"CreateContainer": "create", "StartContainer": "start", "ExecProcess": "exec"}
+# RPCs whose successful latency is also a "how long does it take to start X" family:
+# RPC → (family, HELP), in the order the families are exposed.
+_STARTS = {
+    "CreateContainer": ("kagent_container_create_seconds",
+                        "Time of successful CreateContainer calls (worker fork to container ready)."),
+    "StartContainer": ("kagent_container_start_seconds", "Time of successful StartContainer calls."),
+    "ExecProcess": ("kagent_exec_seconds", "Time of successful ExecProcess calls."),
+}
+
+
+@functools.cache
+def _le_labels(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    from prometheus_client.utils import floatToGoString
+
+    return tuple(floatToGoString(b) for b in bounds)
+
+
+def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, int]]:
+    out, acc = [], 0
+    for bound, n in zip(_le_labels(bounds), counts, strict=True):
+        acc += n
+        out.append((bound, acc))
+    return out
 
 
 class _RpcStats:
@@ -73,26 +91,29 @@ class _RpcStats:
         self.codes: dict[str, int] = {}
 
 
+class _StartStats:
+    """A start-latency histogram (successful calls of one RPC), kept as _RpcStats is."""
+
+    __slots__ = ("buckets", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * len(START_BUCKETS)  # per bucket, not cumulative
+        self.sum = 0.0
+
+
 class RpcMetrics:
     """The RPC families, and the ttRPC server observer that fills them."""
 
-    def __init__(self, registry: CollectorRegistry, agent: Any | None = None) -> None:
+    def __init__(self, metrics: AgentMetrics, agent: Any | None = None) -> None:
         self._stats: dict[str, _RpcStats] = {}
+        self._starts = {rpc: _StartStats() for rpc in _STARTS}
+        self.created = time.time()  # the start families' _created (as prometheus-client's Histogram)
         # Held for a few additions per call, and by a scrape while it copies the numbers:
         # a scrape never sees a call half counted.
         self._lock = threading.Lock()
-        self.starts = {
-            "create": Histogram("kagent_container_create_seconds",
-                                "Time of successful CreateContainer calls (worker fork to container ready).",
-                                buckets=START_BUCKETS, registry=registry),
-            "start": Histogram("kagent_container_start_seconds", "Time of successful StartContainer calls.",
-                               buckets=START_BUCKETS, registry=registry),
-            "exec": Histogram("kagent_exec_seconds", "Time of successful ExecProcess calls.",
-                              buckets=START_BUCKETS, registry=registry),
-        }
-        registry.register(_RpcCollector(self))
+        metrics.register(_RpcCollector(self))
         if agent is not None:
-            registry.register(AgentStateCollector(agent))
+            metrics.register(AgentStateCollector(agent))
 
     def _new(self, rpc: str) -> _RpcStats:
         stats = self._stats[rpc] = _RpcStats()
@@ -110,18 +131,25 @@ class RpcMetrics:
         elapsed = time.perf_counter() - ctx.started
         stats = self._stats[rpc]
         name = code.name
+        start = self._starts.get(rpc) if code is Code.OK else None
         with self._lock:
             stats.in_flight -= 1
             stats.buckets[bisect.bisect_left(RPC_BUCKETS, elapsed)] += 1
             stats.sum += elapsed
             stats.codes[name] = stats.codes.get(name, 0) + 1
-        if code is Code.OK and rpc in _STARTS:
-            self.starts[_STARTS[rpc]].observe(elapsed)
+            if start is not None:
+                start.buckets[bisect.bisect_left(START_BUCKETS, elapsed)] += 1
+                start.sum += elapsed
 
     def snapshot(self) -> list[tuple[str, list[int], float, int, dict[str, int]]]:
         with self._lock:
             return [(rpc, list(s.buckets), s.sum, s.in_flight, dict(s.codes))
                     for rpc, s in sorted(self._stats.items())]
+
+    def starts_snapshot(self) -> list[tuple[str, list[int], float]]:
+        """(RPC, per-bucket counts, sum) of each start-latency family, in _STARTS' order."""
+        with self._lock:
+            return [(rpc, list(s.buckets), s.sum) for rpc, s in self._starts.items()]
 
 
 class _RpcCollector:
@@ -129,6 +157,19 @@ class _RpcCollector:
         self.rpc = rpc
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        created = created_series()
+        for rpc, buckets, total in self.rpc.starts_snapshot():
+            name, doc = _STARTS[rpc]
+            family = HistogramMetricFamily(name, doc, _cumulative(START_BUCKETS, buckets), total)
+            if created:  # a prometheus-client Histogram has one; kagent.metrics.encode drops it
+                family.add_sample(name + "_created", {}, self.rpc.created)
+            yield family
         duration = HistogramMetricFamily("kagent_rpc_duration_seconds",
                                          "Time to serve a ttRPC request, by RPC.", labels=["rpc"])
         requests = CounterMetricFamily("kagent_rpc_requests", "ttRPC requests served, by RPC and status code.",
@@ -136,11 +177,7 @@ class _RpcCollector:
         in_flight = GaugeMetricFamily("kagent_rpc_in_flight", "ttRPC requests being served, by RPC.",
                                       labels=["rpc"])
         for rpc, buckets, total, running, codes in self.rpc.snapshot():
-            cumulative, acc = [], 0
-            for bound, n in zip(_BUCKET_LABELS, buckets, strict=True):
-                acc += n
-                cumulative.append((bound, acc))
-            duration.add_metric([rpc], cumulative, total)
+            duration.add_metric([rpc], _cumulative(RPC_BUCKETS, buckets), total)
             in_flight.add_metric([rpc], running)
             for code, n in sorted(codes.items()):
                 requests.add_metric([rpc, code], n)
@@ -157,6 +194,8 @@ class AgentStateCollector:
         self.agent = agent
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
         sandbox = getattr(self.agent, "sandbox", None)
         containers = getattr(sandbox, "containers", None) if sandbox is not None else None
         yield GaugeMetricFamily("kagent_container_workers", "Live container worker processes.",
@@ -280,8 +319,8 @@ class _HttpConnection(asyncio.Protocol):
 class MetricsEndpoint:
     """``GET /metrics`` on HOST:PORT (or unix://, vsock://) for a Prometheus scraper."""
 
-    def __init__(self, registry: CollectorRegistry, address: str) -> None:
-        self.registry = registry
+    def __init__(self, metrics: AgentMetrics, address: str) -> None:
+        self.metrics = metrics
         self.address = address
         self._target = parse_metrics_addr(address)
         self._server: asyncio.AbstractServer | None = None
@@ -322,12 +361,17 @@ class MetricsEndpoint:
 
     async def render(self, accept: str) -> tuple[bytes, str]:
         """The exposition for this Accept header, built in a thread, one scrape at a time."""
-        encoder, content_type = choose_encoder(accept)
         assert self._lock is not None
         async with self._lock:
-            body = await asyncio.to_thread(encoder, self.registry)
+            body, content_type = await asyncio.to_thread(self._render, accept)
         self.scrapes += 1
         return body, content_type
+
+    def _render(self, accept: str) -> tuple[bytes, str]:
+        from prometheus_client.exposition import choose_encoder
+
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.metrics.registry), content_type
 
     async def close(self) -> None:
         if self._server is not None:

@@ -3,22 +3,21 @@
 A handler is any object with ``drivers`` (the names it serves) and
 ``async create(spec, ctx) -> Device``.  The names are upstream's, plus ``9p`` (removed
 upstream, still sent by seed-era runtimes) and ``bind``.
+
+A driver's module is imported when a storage of its kind is first asked for: most pods
+use two or three drivers, and importing all of them would lengthen the agent's start-up.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import importlib
+from typing import TYPE_CHECKING, Protocol
 
 from kagent.errors import InvalidArgument
-from kagent.storage.bind import BindHandler
-from kagent.storage.block import PmemHandler, ScsiHandler, VirtioBlkMmioHandler, VirtioBlkPciHandler
-from kagent.storage.common import Device, StorageSpec
-from kagent.storage.context import Context
-from kagent.storage.ephemeral import EphemeralHandler
-from kagent.storage.local import LocalHandler
-from kagent.storage.overlay import OverlayfsHandler
-from kagent.storage.sharedfs import NinePHandler, VirtioFsHandler
-from kagent.storage.watchable import BindWatcherHandler
+
+if TYPE_CHECKING:
+    from kagent.storage.common import Device, StorageSpec
+    from kagent.storage.context import Context
 
 
 class Handler(Protocol):
@@ -27,31 +26,36 @@ class Handler(Protocol):
     async def create(self, spec: StorageSpec, ctx: Context) -> Device: ...
 
 
-HANDLERS: tuple[Handler, ...] = (
-    NinePHandler(),
-    VirtioBlkMmioHandler(),
-    VirtioBlkPciHandler(),
-    EphemeralHandler(),
-    LocalHandler(),
-    PmemHandler(),
-    OverlayfsHandler(),
-    ScsiHandler(),
-    VirtioFsHandler(),
-    BindWatcherHandler(),
-    BindHandler(),
-)
-
-_BY_DRIVER: dict[str, Handler] = {name: h for h in HANDLERS for name in h.drivers}
+# driver → (module in kagent.storage, handler class), in AgentDetails.storage_handlers order
+_DRIVERS: dict[str, tuple[str, str]] = {
+    "9p": ("sharedfs", "NinePHandler"),
+    "mmioblk": ("block", "VirtioBlkMmioHandler"),
+    "blk": ("block", "VirtioBlkPciHandler"),
+    "ephemeral": ("ephemeral", "EphemeralHandler"),
+    "local": ("local", "LocalHandler"),
+    "nvdimm": ("block", "PmemHandler"),
+    "overlayfs": ("overlay", "OverlayfsHandler"),
+    "scsi": ("block", "ScsiHandler"),
+    "virtio-fs": ("sharedfs", "VirtioFsHandler"),
+    "watchable-bind": ("watchable", "BindWatcherHandler"),
+    "bind": ("bind", "BindHandler"),
+}
+_handlers: dict[str, Handler] = {}
 
 
 def handler_for(driver: str) -> Handler:
-    handler = _BY_DRIVER.get(driver)
+    handler = _handlers.get(driver)
     if handler is None:
-        raise InvalidArgument(f"no storage handler for driver {driver!r} "
-                              f"(supported: {', '.join(handler_names())})")
+        where = _DRIVERS.get(driver)
+        if where is None:
+            raise InvalidArgument(f"no storage handler for driver {driver!r} "
+                                  f"(supported: {', '.join(handler_names())})")
+        module, name = where
+        cls = getattr(importlib.import_module(f"kagent.storage.{module}"), name)
+        handler = _handlers[driver] = cls()
     return handler
 
 
 def handler_names() -> list[str]:
     """The driver names, for AgentDetails.storage_handlers."""
-    return list(_BY_DRIVER)
+    return list(_DRIVERS)

@@ -210,9 +210,29 @@ def test_label_values_escaped():
             g.add_metric(['a"b\\c\nd'], 1)
             yield g
 
-    m.registry.register(Odd())
+    m.register(Odd())
     fam = parse(m.scrape())["kagent_test_odd"]
     assert fam.samples[0].labels == {"item": 'a"b\\c\nd'} and fam.documentation == "Odd \\ labels\nhere."
+
+
+def test_collectors_join_before_and_after_the_first_scrape():
+    """The registry is made at the first scrape: a collector added before it and one added
+    after both appear, after the agent's own families and in the order they were added."""
+    m = metrics.AgentMetrics(proc=PROC, statvfs=FakeStatvfs())
+
+    class One:
+        def __init__(self, name):
+            self.name = name
+
+        def collect(self):
+            yield GaugeMetricFamily(self.name, "A test family.", value=1)
+
+    m.register(One("kagent_test_early"))
+    assert "kagent_test_late" not in parse(m.scrape())
+    m.register(One("kagent_test_late"))
+    names = list(parse(m.scrape()))
+    assert names[0] == "kata_agent_scrape_count"
+    assert names[-2:] == ["kagent_test_early", "kagent_test_late"]
 
 
 def test_live_scrape_of_this_machine():
@@ -233,7 +253,7 @@ async def test_gather_runs_off_the_event_loop():
             threads.append(threading.get_ident())
             return iter(())
 
-    m.registry.register(Probe())
+    m.register(Probe())
     first, second = await asyncio.gather(m.gather(), m.gather())
     assert threads and threading.get_ident() not in threads
     counts = sorted(parse(t)["kata_agent_scrape_count"].samples[0].value for t in (first, second))

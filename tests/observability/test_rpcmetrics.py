@@ -56,13 +56,13 @@ class Rig:
     async def start(self, tmp_sock_dir: str) -> Rig:
         self.state = _state()
         self.metrics = AgentMetrics()
-        self.rpc = RpcMetrics(self.metrics.registry, self.state)
+        self.rpc = RpcMetrics(self.metrics, self.state)
         self.svc = Svc()
         self.server = Server(build_routes([HealthService(), self.svc]), observers=[self.rpc])
         addr = "unix://" + os.path.join(tmp_sock_dir, "agent.sock")
         await self.server.start(addr)
         self.client = await Client.connect(addr)
-        self.endpoint = MetricsEndpoint(self.metrics.registry, "127.0.0.1:0")
+        self.endpoint = MetricsEndpoint(self.metrics, "127.0.0.1:0")
         await self.endpoint.start()
         return self
 
@@ -221,7 +221,7 @@ async def test_a_slow_scrape_does_not_hold_up_rpcs(rig):
             time.sleep(0.5)  # a collector stuck on a slow /proc or statfs
             return iter(())
 
-    rig.metrics.registry.register(Slow())
+    rig.metrics.register(Slow())
     scrape = asyncio.create_task(rig.scrape())
     await asyncio.sleep(0.05)
     started = time.perf_counter()
@@ -263,7 +263,7 @@ def test_metrics_addr_rejected(text):
 async def test_endpoint_on_a_unix_socket(tmp_sock_dir):
     metrics = AgentMetrics()
     path = os.path.join(tmp_sock_dir, "metrics.sock")
-    ep = MetricsEndpoint(metrics.registry, "unix://" + path)
+    ep = MetricsEndpoint(metrics, "unix://" + path)
     await ep.start()
     try:
         reader, writer = await asyncio.open_unix_connection(path)

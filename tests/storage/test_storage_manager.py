@@ -10,7 +10,7 @@ import pytest
 from storage_harness import mounted, run_in_mount_ns, storage
 
 from kagent.errors import InvalidArgument, NotFound
-from kagent.storage import SANDBOX_OWNER, StorageManager, handler_names
+from kagent.storage import SANDBOX_OWNER, StorageManager, handler_names, registry
 
 pytestmark = pytest.mark.root
 
@@ -24,6 +24,16 @@ def test_handler_names() -> None:
     assert set(names) == {"virtio-fs", "9p", "blk", "mmioblk", "scsi", "nvdimm", "ephemeral", "local",
                           "overlayfs", "watchable-bind", "bind"}
     assert StorageManager.handler_names() == names
+
+
+def test_each_driver_is_served_by_its_own_handler() -> None:
+    # The registry names each driver's handler without importing it (start-up time).
+    for name in handler_names():
+        handler = registry.handler_for(name)
+        assert name in handler.drivers
+        assert registry.handler_for(name) is handler
+    with pytest.raises(InvalidArgument, match="no storage handler for driver 'nfs'"):
+        registry.handler_for("nfs")
 
 
 def _src(tmp_path, name="src"):
