@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import cgroupfs, securejoin, syscalls
-from .errors import InvalidSpec, step
+from .errors import BAD_MOUNT, BAD_MOUNT_POINT, NO_SUCH_PATH, InvalidSpec, step
 from .syscalls import (
     MS_BIND,
     MS_DIRSYNC,
@@ -214,9 +214,9 @@ def mount_one(rootfs: str, bundle: str, m: dict, warn: Warn, *, in_cgroupns: boo
     if opts.bind:
         source = _resolve_source(source, bundle)
         what = f"bind {source}"
-        with step(f"mount {what} at {dest}: source", source):
+        with step(f"mount {what} at {dest}: source", source, invalid=NO_SUCH_PATH):
             is_dir = stat.S_ISDIR(os.stat(source).st_mode)
-        with step(f"mount {what} at {dest}: create mount point", dest):
+        with step(f"mount {what} at {dest}: create mount point", dest, invalid=BAD_MOUNT_POINT):
             if is_dir:
                 securejoin.mkdir_all(rootfs, dest_in)
             else:
@@ -227,7 +227,7 @@ def mount_one(rootfs: str, bundle: str, m: dict, warn: Warn, *, in_cgroupns: boo
             bind_remount(dest, opts.flags, what)
     else:
         what = kind or source
-        with step(f"mount {what} at {dest}: create mount point", dest):
+        with step(f"mount {what} at {dest}: create mount point", dest, invalid=BAD_MOUNT_POINT):
             securejoin.mkdir_all(rootfs, dest_in)
         _mount_fs(source, dest, kind, opts, what)
 
@@ -238,7 +238,8 @@ def mount_one(rootfs: str, bundle: str, m: dict, warn: Warn, *, in_cgroupns: boo
 
 def _mount_fs(source: str, dest: str, kind: str, opts: Options, what: str) -> None:
     flags = opts.flags & ~MS_REC
-    with step(f"mount {what} at {dest}", dest):
+    shown = f" with {opts.data_str}" if opts.data else ""  # EINVAL says no more than that
+    with step(f"mount {what} at {dest}{shown}", dest, invalid=BAD_MOUNT):
         try:
             syscalls.mount(source, dest, kind, flags, opts.data_str)
             return
@@ -257,6 +258,7 @@ def _mount_fs(source: str, dest: str, kind: str, opts: Options, what: str) -> No
             data = ",".join(d for d in opts.data if not d.startswith("gid=")) or None
             syscalls.mount(source, dest, kind, flags, data)
             return
+    with step(f"mount {what} at {dest}: bind /sys", dest):  # our fallback: its errors are ours
         syscalls.mount("/sys", dest, None, MS_BIND | MS_REC)
     if flags & _REMOUNT_MASK:
         bind_remount(dest, flags, "sysfs")

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from . import syscalls
-from .errors import InvalidSpec, step
+from .errors import BAD_NAMESPACE, InvalidSpec, step
 
 #: OCI namespace type → (clone flag, name under /proc/<pid>/ns)
 KINDS: dict[str, tuple[int, str]] = {
@@ -99,7 +99,8 @@ def pid_for_children(target: str | None, new: bool = False) -> Iterator[None]:
 
 
 def _setns_path(path: str, kind: str) -> None:
-    with step(f"join {kind} namespace {path}", path):
+    """Join the namespace at a path the spec gave."""
+    with step(f"join {kind} namespace {path}", path, invalid=BAD_NAMESPACE):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             syscalls.setns(fd, KINDS[kind][0])

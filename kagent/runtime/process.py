@@ -9,16 +9,26 @@ for StartContainer.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import resource
+import stat
 import struct
 import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import capabilities, syscalls, users
-from .errors import InvalidSpec, SetupError, check_range, step
+from .errors import (
+    BAD_EXEC,
+    NO_SUCH_PATH,
+    InvalidSpec,
+    SetupError,
+    check_no_nul,
+    check_range,
+    step,
+)
 from .seccomp import Filter
 from .stdio import ChildStdio, open_console
 
@@ -54,7 +64,9 @@ RLIM64_INFINITY = 2**64 - 1  # OCI's (and the kernel's) "unlimited"
 
 
 def check(process: dict) -> None:
-    """Refuse, before any fork, numbers the kernel's types cannot hold (create and exec)."""
+    """Refuse, before any fork, numbers the kernel's types cannot hold and strings C cannot
+    (create and exec)."""
+    check_no_nul(process, "process")
     size = process.get("consoleSize") or {}
     for key in ("height", "width"):
         check_range(f"process.consoleSize.{key}", size.get(key, 0), 0, 0xFFFF)  # winsize: ushort
@@ -148,7 +160,10 @@ def set_rlimits(process: dict) -> None:
         kind = rl["type"]
         soft, hard = rl.get("soft", 0), rl.get("hard", 0)
         with step(f"set {kind} soft={soft} hard={hard}"):
-            resource.setrlimit(RLIMITS[kind], (_rlim(soft), _rlim(hard)))
+            try:
+                resource.setrlimit(RLIMITS[kind], (_rlim(soft), _rlim(hard)))
+            except ValueError as exc:  # how the resource module reports EPERM (check() ruled out EINVAL)
+                raise PermissionError(errno.EPERM, str(exc)) from exc
 
 
 def set_lsm_labels(process: dict, warn: Warn) -> None:
@@ -175,20 +190,34 @@ def set_lsm_labels(process: dict, warn: Warn) -> None:
 
 
 def find_executable(name: str, env: dict[str, str]) -> str:
-    """PATH lookup in the container's environment (execvpe semantics, checked up front)."""
+    """PATH lookup in the container's environment (execvpe semantics), before the init
+    reports ready: a program that is not there fails CreateContainer or ExecProcess, with
+    execve's errno, rather than StartContainer or nothing at all."""
     if not name:
-        raise SetupError("exec", "exec: process.args is empty")
-    candidates = (
-        [name]
-        if "/" in name
-        else [os.path.join(d or ".", name) for d in env.get("PATH", DEFAULT_PATH).split(":")]
-    )
-    for path in candidates:
+        raise InvalidSpec("exec", "exec: process.args[0] is empty")
+    if "/" in name:
+        try:
+            st = os.stat(name)
+        except OSError as exc:
+            raise _cannot_exec(name, exc.errno or errno.ENOENT) from exc
+        if not stat.S_ISREG(st.st_mode) or not os.access(name, os.X_OK):
+            raise _cannot_exec(name, errno.EACCES)  # what execve says of a directory, too
+        return name
+    search = env.get("PATH", DEFAULT_PATH)
+    for d in search.split(":"):
+        path = os.path.join(d or ".", name)
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
-    if "/" in name and os.path.exists(name):
-        raise SetupError("exec", f"exec {name}: [Errno 13] Permission denied", path=name, errno=13)
-    raise SetupError("exec", f"exec {name}: executable file not found in $PATH", path=name, errno=2)
+    raise InvalidSpec(
+        "exec",
+        f"exec {name}: executable file not found in $PATH ({search})",
+        path=name,
+        errno=errno.ENOENT,
+    )
+
+
+def _cannot_exec(name: str, err: int) -> InvalidSpec:
+    return InvalidSpec("exec", f"exec {name}: [Errno {err}] {os.strerror(err)}", path=name, errno=err)
 
 
 def environment(process: dict, ident: users.Identity) -> dict[str, str]:
@@ -233,7 +262,7 @@ def apply(process: dict, stdio: ChildStdio, flt: Filter | None, warn: Warn,
     if caps is not None:
         capabilities.apply(caps)
     if not cwd_done:
-        with step(f"chdir {cwd}", cwd):
+        with step(f"chdir {cwd}", cwd, invalid=NO_SUCH_PATH):
             os.chdir(cwd)
     umask = (process.get("user") or {}).get("umask")
     os.umask(0o022 if umask is None else int(umask))
@@ -267,5 +296,5 @@ def execute(ex: Exec, flt: Filter | None, nnp: bool) -> None:
                     os.set_inheritable(fd, False)
                 except OSError:
                     pass
-    with step(f"exec {ex.path}", ex.path):
+    with step(f"exec {ex.path}", ex.path, invalid=BAD_EXEC):  # e.g. a format or interpreter it lacks
         os.execve(ex.path, ex.args, ex.env)

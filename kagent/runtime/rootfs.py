@@ -13,20 +13,31 @@ Order, and why:
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Callable
 
 from . import devices, mountinfo, mounts, syscalls
-from .errors import InvalidSpec, step
+from .errors import NO_SUCH_PATH, InvalidSpec, step
 from .syscalls import MS_BIND, MS_PRIVATE, MS_RDONLY, MS_REC, MS_SLAVE
 
 Warn = Callable[[str], None]
 
 
 def root_path(spec: dict, bundle: str) -> str:
+    """root.path resolved, in the worker before anything is forked: a path that leads
+    nowhere, or where the agent may not go (EACCES, e.g. another process's /proc/N/cwd),
+    is the spec's mistake."""
     root = (spec.get("root") or {}).get("path") or "rootfs"
-    with step(f"resolve the rootfs {root}", root):  # e.g. EACCES on another process's /proc/N/cwd
-        return os.path.realpath(root if os.path.isabs(root) else os.path.join(bundle, root))
+    path = root if os.path.isabs(root) else os.path.join(bundle, root)
+    with step(f"root.path {root}", path, invalid=NO_SUCH_PATH | {errno.EACCES}):
+        real = os.path.realpath(path, strict=True)
+        if not stat.S_ISDIR(os.stat(real).st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), real)
+    if real == "/":
+        raise InvalidSpec("spec", f"spec: root.path {root} is the guest's own root", path=root)
+    return real
 
 
 def prepare(rootfs: str) -> None:

@@ -8,7 +8,7 @@ written through the container's /proc/sys after pivot_root.
 from __future__ import annotations
 
 from . import syscalls
-from .errors import InvalidSpec, step
+from .errors import BAD_VALUE, NO_SUCH_PATH, InvalidSpec, step
 from .namespaces import Plan
 
 #: sysctl prefixes → the namespace they belong to (what the kernel namespaces)
@@ -37,7 +37,7 @@ def set_names(spec: dict, plan: Plan) -> None:
             raise InvalidSpec(
                 f"set {key}", f"set {key}: the container has no UTS namespace of its own"
             )
-        with step(f"set {key} {value!r}"):
+        with step(f"set {key} {value!r}", invalid=BAD_VALUE):
             call(value)
 
 
@@ -69,5 +69,5 @@ def check_sysctl(spec: dict, plan: Plan) -> None:
 def apply_sysctl(spec: dict) -> None:
     for key, value in ((spec.get("linux") or {}).get("sysctl") or {}).items():
         path = "/proc/sys/" + key.replace(".", "/")
-        with step(f"sysctl {key}={value}", path), open(path, "w") as f:
+        with step(f"sysctl {key}={value}", path, invalid=NO_SUCH_PATH | BAD_VALUE), open(path, "w") as f:
             f.write(str(value))
