@@ -225,6 +225,11 @@ class Container:
         if early is not None and early[0] == proc.pid:
             self._exited(proc, early[1])
 
+    def forget(self, exec_id: str) -> None:
+        """After a failed ExecProcess: an exit the worker reported for its process is dropped,
+        so that a later process with this exec id (and, by reuse, that pid) is not taken for it."""
+        self._early_exits.pop(exec_id, None)
+
     def find(self, exec_id: str) -> Process:
         """A live (not yet waited-for) process; the init when ``exec_id`` is empty."""
         proc = self.processes.get(exec_id or self.cid)

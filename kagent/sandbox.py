@@ -56,6 +56,8 @@ class Sandbox:
         self.run_dir = run_dir
         self.containers: dict[str, Container] = {}
         self._creating: set[str] = set()
+        # (cid, exec_id) of the ExecProcess calls in flight: None, or the undo of one that failed.
+        self._execing: dict[tuple[str, str], asyncio.Task | None] = {}
         self.first_cid = ""  # its pid namespace is the sandbox's when sandbox_pidns asks for it
 
     # -- helpers ------------------------------------------------------------
@@ -282,25 +284,72 @@ class Sandbox:
                            ports: dict[str, int] | None = None) -> Process:
         container = self.get(cid)
         check_id("exec id", exec_id, EXEC_ID_RE)
-        if exec_id in container.processes or exec_id == cid:
+        key = (cid, exec_id)
+        undoing = self._execing.get(key)
+        if undoing is not None:  # a failed exec of this id is being undone (a retry after a deadline)
+            await asyncio.shield(undoing)
+            container = self.get(cid)
+        if exec_id in container.processes or exec_id == cid or key in self._execing:
             raise AlreadyExists(f"exec id {exec_id} already exists in container {cid}")
         if container.state != "running":
             raise FailedPrecondition(f"container {cid} is {container.state}, not running")
         if not process.get("args"):
             raise InvalidArgument(f"exec {exec_id}: process.args is empty")
-        # The streams first: a missing one fails the call before the process runs.
-        claimed = await self.claim_streams(ports or {})
+        # Taken until the exec is added or undone: a failed exec's undo finds its process by
+        # this id, which no other exec may then hold.
+        self._execing[key] = None
+        claimed = proc = undo = None
+        asked = False  # the worker may have started a process for this exec
+        pid = None
         try:
+            # The streams first: a missing one fails the call before the process runs.
+            claimed = await self.claim_streams(ports or {})
+            asked = True
             reply, fds = await container.request("exec", exec_id=exec_id, process=process, pipe_size=pipe_size)
-            proc = Process.from_reply(exec_id, reply, fds)
-        except BaseException:
+            try:
+                pid = int(reply["pid"])
+                proc = Process.from_reply(exec_id, reply, fds)
+            except BaseException:
+                for fd in fds:  # a reply not shaped as an exec's
+                    os.close(fd)
+                raise
             if claimed is not None:
-                claimed.release()
+                proc.attach_streams(claimed)
+        except BaseException as exc:
+            if claimed is not None:
+                claimed.release()  # a no-op once the pumps own them
+            if proc is not None:
+                proc.close()
+            if isinstance(exc, ipc.FdsLost):
+                pid = exc.record.get("pid")  # started, then its pidfd and stdio lost on the way
+            # An error the worker answered (or its death) started nothing; anything else may have.
+            if pid is not None or (asked and not isinstance(exc, AgentError)):
+                # Shielded, as a failed create's undo; the id stays taken until it is done.
+                self._execing[key] = undo = asyncio.ensure_future(self._undo_exec(container, exec_id, pid))
+                _UNDOING.add(undo)
+                undo.add_done_callback(lambda task: self._exec_undone(key, task))
+                await asyncio.shield(undo)
             raise
-        if claimed is not None:
-            proc.attach_streams(claimed)
+        finally:
+            if undo is None:
+                del self._execing[key]
         container.add(proc)
         return proc
+
+    def _exec_undone(self, key: tuple[str, str], undo: asyncio.Task) -> None:
+        _UNDOING.discard(undo)
+        if self._execing.get(key) is undo:
+            del self._execing[key]
+
+    async def _undo_exec(self, container: Container, exec_id: str, pid: int | None) -> None:
+        """A failed ExecProcess leaves nothing: the worker kills and reaps the process it may
+        have started, without reporting its exit; an exit it reported already is dropped."""
+        try:
+            await container.request("discard", exec_id=exec_id, pid=pid)
+        except Exception as exc:
+            _log.warning("failed exec not fully undone", container_id=container.cid, exec_id=exec_id,
+                         error=str(exc))
+        container.forget(exec_id)
 
     async def signal_process(self, cid: str, exec_id: str, sig: int) -> None:
         container = self.get(cid)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import socket
 import struct
@@ -10,6 +12,7 @@ import struct
 import pytest
 
 from kagent import protocols
+from kagent.errors import NotFound
 from kagent.protocols import agent_pb2, health_pb2, ttrpc_pb2
 from kagent.service import build_routes
 from kagent.service.health import HealthService
@@ -17,7 +20,7 @@ from kagent.ttrpc import framing
 from kagent.ttrpc.client import Client
 from kagent.ttrpc.codes import Code
 from kagent.ttrpc.server import Route, Server
-from kagent.ttrpc.status import RpcError
+from kagent.ttrpc.status import RpcError, status_of
 
 HEALTH = "grpc.Health"
 
@@ -229,6 +232,55 @@ async def test_bad_requests_get_errors_on_their_own_stream(tmp_sock_dir):
         assert got[19].status.code == 0
     finally:
         peer.close()
+        await server.close()
+
+
+@pytest.mark.parametrize("exc, code, text, unexpected", [
+    (NotFound("no such container"), Code.NOT_FOUND, "no such container", False),
+    (RpcError(Code.ABORTED, "stop"), Code.ABORTED, "stop", False),
+    (TimeoutError(), Code.DEADLINE_EXCEEDED, "timeout", False),
+    (NotImplementedError(), Code.UNIMPLEMENTED, "not implemented", False),
+    # Out of fds: the agent's load, not a bug (no traceback), and the host may retry.
+    (OSError(errno.EMFILE, "Too many open files"), Code.RESOURCE_EXHAUSTED,
+     "the agent ran out of file descriptors: [Errno 24] Too many open files", False),
+    (OSError(errno.ENFILE, "Too many open files in system", "/run/x"), Code.RESOURCE_EXHAUSTED,
+     "the agent ran out of file descriptors: [Errno 23] Too many open files in system: '/run/x'", False),
+    # ENOMEM is not mapped (the kernel also answers it for what is no shortage).
+    (OSError(errno.ENOMEM, "Cannot allocate memory"), Code.INTERNAL, "[Errno 12] Cannot allocate memory", True),
+    (OSError(errno.ENOENT, "No such file or directory", "/x"), Code.INTERNAL,
+     "[Errno 2] No such file or directory: '/x'", True),
+    (ValueError("bad"), Code.INTERNAL, "ValueError: bad", True),
+])
+def test_status_of(exc, code, text, unexpected):
+    assert status_of(exc) == (code, text, unexpected)
+
+
+async def test_out_of_fds_is_resource_exhausted_without_a_traceback(tmp_sock_dir):
+    async def emfile(request, ctx):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))  # as os.open() at the limit
+
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    logger = logging.getLogger("kagent.ttrpc")
+    logger.addHandler(handler)
+    routes = make_routes(Probe())
+    routes[("test.Probe", "Emfile")] = Route(health_pb2.CheckRequest, emfile)
+    server = Server(routes)
+    addr = "unix://" + os.path.join(tmp_sock_dir, "s.sock")
+    await server.start(addr)
+    try:
+        async with await Client.connect(addr) as client:
+            with pytest.raises(RpcError) as err:
+                await client.call("test.Probe", "Emfile", health_pb2.CheckRequest(), health_pb2.CheckRequest)
+            assert err.value.code == Code.RESOURCE_EXHAUSTED
+            assert "ran out of file descriptors" in err.value.message, err.value
+            assert errors == []  # not logged as a handler failure
+            with pytest.raises(RpcError):  # while a bug is, with its traceback
+                await client.call("test.Probe", "Fail", health_pb2.CheckRequest(), health_pb2.CheckRequest)
+            assert [r.getMessage() for r in errors] == ["handler failed"] and errors[0].exc_info
+    finally:
+        logger.removeHandler(handler)
         await server.close()
 
 

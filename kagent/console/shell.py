@@ -58,11 +58,17 @@ def shell_entry(sock: socket.socket, args: dict[str, Any]) -> int:
     """In the zygote's child: wait for "start" (+ the pty slave), then exec the shell.
 
     args: ``shell`` (path), ``argv`` (list), ``device`` (a tty to open when no slave is sent),
-    ``env`` (extra variables).  A failure before exec is sent back as ``{"error": text}``;
-    a successful exec closes the socket (it is close-on-exec), which the supervisor sees as EOF.
+    ``env`` (extra variables).  A failure is sent back as ``{"error": text}``.  Right before
+    exec it sends ``{"exec": shell}``; the exec then closes the socket (it is close-on-exec),
+    and that EOF after "exec" is the success the supervisor waits for (see ``start_error``).
     """
     os.set_inheritable(sock.fileno(), False)  # SCM_RIGHTS fds arrive without O_CLOEXEC
-    got = ipc.recv(sock)
+    try:
+        got = ipc.recv(sock, "the debug shell's process")
+    except ValueError as exc:  # FdsLost: at its fd limit, the tty did not arrive
+        with contextlib.suppress(OSError):
+            ipc.send(sock, {"error": f"receive the tty: {exc}"})
+        return 127
     if got is None:
         return 0  # the supervisor gave up on this session
     _msg, fds = got
@@ -85,9 +91,11 @@ def shell_entry(sock: socket.socket, args: dict[str, Any]) -> int:
         os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
         shell = str(args["shell"])
         argv = [str(a) for a in args.get("argv") or [shell]]
+        env = _shell_env(args.get("env"))
         step = f"exec {shell}"
-        os.execve(shell, argv, _shell_env(args.get("env")))
-    except (OSError, KeyError, TypeError) as exc:
+        ipc.send(sock, {"exec": shell})
+        os.execve(shell, argv, env)
+    except (OSError, KeyError, TypeError, ValueError) as exc:
         with contextlib.suppress(OSError):
             ipc.send(sock, {"error": f"{step}: {exc}"})
         return 127
@@ -152,19 +160,39 @@ async def spawn_shell(zygote: ipc.Channel, args: dict[str, Any], tty_fd: int | N
         mine.setblocking(False)
         try:
             socket.send_fds(mine, [b'{"op":"start"}'], [tty_fd] if tty_fd is not None else [])
-            data = await loop.sock_recv(mine, ipc.MAX_RECORD)  # EOF: exec'd (close-on-exec)
+            records = []
+            while len(records) < 4 and (data := await loop.sock_recv(mine, ipc.MAX_RECORD)):
+                records.append(data)  # until EOF: the exec (close-on-exec), or the child's exit
+            error = start_error(records)
+            if error is not None:
+                raise OSError(errno.EIO, f"debug shell: {error}")
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):  # through the pidfd: never a reused pid
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             os.close(pidfd)
             raise
-        if data:
-            os.close(pidfd)
-            try:
-                error = json.loads(data).get("error")
-            except (ValueError, AttributeError):
-                error = repr(data[:200])
-            raise OSError(errno.EIO, f"debug shell: {error}")
         return ShellProcess(pid, pidfd)
     finally:
         mine.close()
+
+
+def start_error(records: Sequence[bytes]) -> str | None:
+    """What the shell's process sent before its socket closed: None when it exec'd the shell
+    ("exec", then EOF), else why not.  EOF alone is no success: that child died before exec
+    without a word (its tty lost on the way, a crash)."""
+    decoded = []
+    for data in records:
+        try:
+            record = json.loads(data)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            return f"unexpected reply {data[:200]!r}"
+        if "error" in record:
+            return str(record["error"])
+        decoded.append(record)
+    if [sorted(r) for r in decoded] == [["exec"]]:
+        return None
+    if not decoded:
+        return "its process exited before it could start the shell (it sent no reply)"
+    return f"unexpected reply {records[-1][:200]!r}"

@@ -8,14 +8,19 @@ a process into the running container's namespaces.
 
 Every child talks to the worker over a Channel (see channel.py).  A child never
 returns into the caller's code: it execs or ``os._exit``s, and a set-up
-failure travels back as a structured SetupError.  On any failure the worker
-kills (by pid) and reaps what it forked, so nothing is left behind.
+failure travels back as a structured SetupError.  Its end of the channel is
+close-on-exec, so EOF means "exec'd" or "died": the kernel's PF_FORKNOEXEC
+flag (cleared by execve before it closes those fds) tells which, and a child
+that died without a word is a failure naming how it ended.  On any failure
+the worker kills (by pid, only children not yet reaped) and reaps what it
+forked, so nothing is left behind.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 from collections.abc import Callable
 from typing import NoReturn
@@ -25,7 +30,7 @@ from kagent.errors import AgentError
 from . import hooks, namespaces, rootfs, seccomp, syscalls, system
 from . import process as proc
 from .channel import Channel, _Abandoned
-from .errors import InvalidSpec, SetupError, step
+from .errors import InvalidSpec, SetupError, check_no_nul, step
 from .stdio import ChildStdio, receive_console
 
 log = logging.getLogger("kagent.runtime")
@@ -42,6 +47,10 @@ class InitHandle:
         self.bundle = bundle
         self.warnings: list[str] = []
         self.started = False
+        # A failed start() kills and reaps the init; its wait status (None: reaped elsewhere)
+        # is then the worker's to report as the init's exit.
+        self.reaped = False
+        self.status: int | None = None
         self._chan: Channel | None = chan
         self._spec = spec
 
@@ -59,15 +68,16 @@ class InitHandle:
                 "start", f"start: container {self.container_id} was already started or aborted"
             )
         chan, self._chan = self._chan, None
+        pids = [self.pid]
         try:
             try:
                 chan.send("start")
             except OSError as exc:
-                status = _reap(self.pid)
-                raise SetupError(
-                    "start", f"start: the container init has exited ({_describe(status)})"
-                ) from exc
-            _serve(chan, self._warn, [self.pid], eof_ok=True)
+                raise _died("start", "the container init", pids) from exc
+            _serve(chan, self._warn, pids, until_exec=("start", "the container init"))
+        except BaseException:
+            self.status, self.reaped = _kill_and_reap(pids), True
+            raise
         finally:
             chan.close()
         self.started = True
@@ -125,10 +135,12 @@ def start_init(
     child.close()
     stdio.close()
     handle = InitHandle(pid, parent, spec, bundle, cid)
+    pids = [pid]
     try:
-        _go(parent, pid, on_forked)
-        _serve(parent, handle._warn, [pid], eof_ok=False, handle=handle, stdio=stdio)
+        _go(parent, pids, on_forked, "init", "the container init")
+        _serve(parent, handle._warn, pids, handle=handle, stdio=stdio)
     except BaseException:
+        _kill_and_reap(pids)
         parent.close()
         handle._chan = None
         raise
@@ -183,10 +195,15 @@ def exec_process(
         raise
     child.close()
     stdio.close()
+    pids = [pid]
     try:
         if on_forked is not None:
-            _go(parent, pid, on_forked)
-        _serve(parent, lambda m: log.warning("%s", m), [pid], eof_ok=True, stdio=stdio)
+            _go(parent, pids, on_forked, "exec", "the process")
+        _serve(parent, lambda m: log.warning("%s", m), pids, until_exec=("exec", "the process"),
+               stdio=stdio)
+    except BaseException:
+        _kill_and_reap(pids)
+        raise
     finally:
         parent.close()
     return pid
@@ -200,74 +217,123 @@ def _serve(
     warn: Callable[[str], None],
     pids: list[int],
     *,
-    eof_ok: bool,
+    until_exec: tuple[str, str] | None = None,
     handle: InitHandle | None = None,
     stdio: ChildStdio | None = None,
 ) -> None:
-    """Answer the child until it reports ready or execs (EOF); on failure kill and reap ``pids``.
+    """Answer the child until it reports ready or, with ``until_exec`` (step, who), execs.
 
-    ``pids`` is what to clean up; it follows the init when a first child forks it.
+    ``pids`` is what the caller kills and reaps on failure; it follows the init when a
+    first child forks it.
     """
-    try:
-        while True:
-            msg = chan.recv()
-            if msg is None:
-                if eof_ok:
-                    return
-                status = _reap(pids[-1])
-                pids.clear()
-                raise SetupError(
-                    "init", f"init: the container init exited during set-up ({_describe(status)})"
-                )
-            kind = msg.get("type")
-            if kind == "warning":
-                warn(str(msg.get("message")))
-            elif kind == "error":
-                raise SetupError.from_dict(msg)
-            elif kind == "ready":
+    step_name, who = until_exec or ("init", "the container init")
+    while True:
+        msg = chan.recv()
+        if msg is None:
+            if until_exec and _has_exec(pids[-1]):
                 return
-            elif kind == "console" and "fd" in msg and stdio is not None:
-                receive_console(stdio, int(msg["fd"]))
-            elif kind == "userns" and handle is not None:
-                namespaces.write_id_maps(pids[-1], handle._spec)
-                chan.send("mapped")
-            elif kind == "pid" and handle is not None:
-                # the first child forked the init into the new pid namespace and is exiting
-                _reap(pids[-1])
-                handle.pid = int(msg["pid"])
-                pids[:] = [handle.pid]
-            elif kind == "hooks" and handle is not None:
-                st = handle.state("creating")
-                hooks.run(handle._spec, "prestart", st)
-                hooks.run(handle._spec, "createRuntime", st)
-                chan.send("hooked", pid=handle.pid)
-            else:
-                if "fd" in msg:
-                    os.close(msg["fd"])
-                raise SetupError("set-up", f"set-up: unexpected message {msg!r}")
-    except BaseException:
-        _kill_and_reap(pids)
-        raise
+            raise _died(step_name, who, pids)
+        kind = msg.get("type")
+        if kind == "warning":
+            warn(str(msg.get("message")))
+        elif kind == "error":
+            _let_exit(pids[-1])
+            raise SetupError.from_dict(msg)
+        elif kind == "ready" and not until_exec:
+            return
+        elif kind == "console" and "fd" in msg and stdio is not None:
+            receive_console(stdio, int(msg["fd"]))
+        elif kind == "userns" and handle is not None:
+            namespaces.write_id_maps(pids[-1], handle._spec)
+            _send(chan, pids, step_name, who, "mapped")
+        elif kind == "pid" and handle is not None:
+            # the first child forked the init into the new pid namespace and is exiting
+            _reap(pids[-1])
+            handle.pid = int(msg["pid"])
+            pids[:] = [handle.pid]
+        elif kind == "hooks" and handle is not None:
+            st = handle.state("creating")
+            hooks.run(handle._spec, "prestart", st)
+            hooks.run(handle._spec, "createRuntime", st)
+            _send(chan, pids, step_name, who, "hooked", pid=handle.pid)
+        else:
+            if "fd" in msg:
+                os.close(msg["fd"])
+            raise SetupError("set-up", f"set-up: unexpected message {msg!r}")
 
 
-def _go(chan: Channel, pid: int, on_forked: Callable[[int], None] | None) -> None:
+def _go(
+    chan: Channel, pids: list[int], on_forked: Callable[[int], None] | None, step_name: str, who: str
+) -> None:
     """Run the caller's on_forked (cgroup placement), then let the child proceed."""
+    if on_forked is not None:
+        on_forked(pids[-1])
+    _send(chan, pids, step_name, who, "go")
+
+
+def _send(chan: Channel, pids: list[int], step_name: str, who: str, kind: str, **fields: object) -> None:
     try:
-        if on_forked is not None:
-            on_forked(pid)
-        chan.send("go")
-    except BaseException:
-        _kill_and_reap([pid])
-        raise
+        chan.send(kind, **fields)
+    except OSError as exc:  # EPIPE: the child's end is gone, and it cannot have exec'd yet
+        raise _died(step_name, who, pids) from exc
 
 
-def _kill_and_reap(pids: list[int]) -> None:
+# task->flags bit "forked but didn't exec": execve clears it before it closes the
+# close-on-exec descriptors, so it is settled by the time the channel reads EOF.
+PF_FORKNOEXEC = 0x40
+
+
+def _has_exec(pid: int) -> bool:
+    """Whether ``pid`` (our child, not reaped: a zombie keeps its flags) has exec'd."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False  # reaped elsewhere: its exit will never be reported, so not a success
+    flags = int(stat.rsplit(b")", 1)[1].split()[6])  # field 9; comm (field 2) may hold spaces
+    return not flags & PF_FORKNOEXEC
+
+
+def _died(step_name: str, who: str, pids: list[int]) -> SetupError:
+    """The child closed its end of the channel without a report and without exec: it is
+    exiting.  Say how it ended (waiting, not reaping: the caller's clean-up reaps it)."""
+    pid = pids[-1]
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        how = _describe_exit(info.si_code, info.si_status)
+    except ChildProcessError:
+        pids.remove(pid)  # reaped elsewhere: the pid may be another process's by now
+        how = "it had exited and was reaped already"
+    if step_name == "init":
+        return SetupError(step_name, f"init: {who} exited during set-up ({how})")
+    return SetupError(step_name, f"{step_name}: {who} died before its exec ({how})")
+
+
+def _let_exit(pid: int, timeout: float = 1.0) -> None:
+    """An error record is a child's last word, then it exits: let it, so that the status the
+    host gets is its own and not that of the clean-up's SIGKILL."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([fd], [], [], timeout)  # readable once it has exited
+    finally:
+        os.close(fd)
+
+
+def _kill_and_reap(pids: list[int]) -> int | None:
+    """SIGKILL and reap our children ``pids`` (none reaped yet, so none a recycled pid);
+    the wait status of the last one (the init)."""
+    status = None
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)  # an exiting child keeps the status it exits with
         except ProcessLookupError:
             pass
-        _reap(pid)
+        status = _reap(pid)
+    pids.clear()
+    return status
 
 
 def _reap(pid: int) -> int | None:
@@ -277,18 +343,22 @@ def _reap(pid: int) -> int | None:
         return None  # reaped elsewhere (the worker's own reaper)
 
 
-def _describe(status: int | None) -> str:
-    if status is None:
-        return "status unknown"
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exit status {os.waitstatus_to_exitcode(status)}"
+def _describe_exit(code: int, value: int) -> str:
+    if code == os.CLD_EXITED:
+        return f"exit status {value}"
+    try:
+        name = f" ({signal.Signals(value).name})"
+    except ValueError:
+        name = ""
+    return f"killed by signal {value}{name}"
 
 
 def _check(spec: dict) -> namespaces.Plan:
     """What can be refused before forking anything."""
     if not isinstance(spec.get("process"), dict) or not spec["process"].get("args"):
         raise InvalidSpec("spec", "spec: process.args is required")
+    for section in ("root", "mounts", "hostname", "domainname", "linux", "hooks"):
+        check_no_nul(spec.get(section), section)  # what reaches the kernel (not annotations)
     proc.check(spec["process"])
     plan = namespaces.plan(spec)
     linux = spec.get("linux") or {}

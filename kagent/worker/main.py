@@ -16,6 +16,8 @@ domain error raised, e.g. "INVALID_ARGUMENT", and a set-up failure adds its step
   start                                   -> {}
   exec   {exec_id, process, pipe_size}    -> {pid, terminal} + fds as for create
   signal {exec_id, signal}                -> {}            (a process that is gone is not an error)
+  discard {exec_id, pid}                  -> {}            (an exec the supervisor could not take
+                                             over: killed, reaped, its exit not reported)
   kill_all {signal}                       -> {}            (the cgroup frozen, every pid signalled, thawed)
   destroy {timeout}                       -> {} once every process is gone and the cgroup
                                              removed; then the worker exits
@@ -47,6 +49,7 @@ from kagent.ttrpc.codes import Code
 from kagent.zygote import exit_status, set_title
 
 DESTROY_GRACE = 10.0  # seconds to wait for SIGKILLed processes when no timeout is given
+DISCARD_WAIT = 2.0  # seconds to wait for a discarded exec to die (later, reap() takes it)
 
 
 def error_fields(exc: Exception) -> dict:
@@ -248,6 +251,25 @@ class Worker:
         if exec_id in self.exited:
             return {}, []  # already gone: signalling it is a no-op, as upstream ignores ESRCH
         raise NotFound(f"process {exec_id} not found in container {self.cid}")
+
+    def op_discard(self, msg: dict) -> tuple[dict, list[int]]:
+        """An exec whose reply the supervisor could not take (its fds did not arrive, or the
+        request was cancelled): nobody can wait for it or signal it, so it is killed and
+        reaped here, unreported.  ``pid`` None: whichever process has this exec id (the
+        supervisor lets one exec per id run at a time).  Never the init."""
+        exec_id, pid = str(msg["exec_id"]), msg.get("pid")
+        for p, eid in list(self.procs.items()):
+            if eid != exec_id or p == self.init_pid or (pid is not None and p != int(pid)):
+                continue
+            del self.procs[p]  # reap() takes it for an orphan from now on: reaped, not reported
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)  # not reaped yet: the pid is still this child's
+            deadline = time.monotonic() + DISCARD_WAIT
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(p, os.WNOHANG)[0] == 0 and time.monotonic() < deadline:
+                    time.sleep(0.002)
+        self.exited.pop(exec_id, None)  # an exit reported already: of a process the host never had
+        return {}, []
 
     def op_kill_all(self, msg: dict) -> tuple[dict, list[int]]:
         sig = int(msg["signal"])

@@ -62,6 +62,13 @@ async def baseline(agent) -> harness.Snapshot:
     return agent.snapshot()
 
 
+async def served_snapshot(agent, calls: Calls) -> harness.Snapshot:
+    """A snapshot that holds the connection of ``calls``: connect() returns before the agent
+    has accepted, and a baseline taken then would count the accepted socket as a leak."""
+    await calls.Check()
+    return agent.snapshot()
+
+
 def processes_with(marker: str) -> list[psutil.Process]:
     out = []
     for p in psutil.process_iter(["cmdline", "status"]):
@@ -221,6 +228,13 @@ async def test_host_disconnects_mid_create_then_reconnects(agent):
 # --- resources run out ----------------------------------------------------------------------
 
 
+def _nofile(pid: int) -> tuple[int, int]:
+    """The (soft, hard) RLIMIT_NOFILE of ``pid``."""
+    out = subprocess.run(["prlimit", f"--pid={pid}", "--nofile", "--raw", "--noheadings", "--output=SOFT,HARD"],
+                         check=True, capture_output=True, text=True).stdout.split()
+    return int(out[0]), int(out[1])
+
+
 def _prlimit_nofile(pid: int, soft: int, hard: int | None = None) -> None:
     """Only ever on the agent process this test started."""
     limit = f"{soft}:{hard}" if hard is not None else f"{soft}:"
@@ -230,38 +244,160 @@ def _prlimit_nofile(pid: int, soft: int, hard: int | None = None) -> None:
 async def test_emfile_during_set_up(agent):
     """The agent's fd limit lowered to just above what it holds, step by step, so that set-up
     runs out at every point (bundle, socketpair, received stdio fds): each CreateContainer
-    fails with a message that says so, leaks nothing, and the agent goes on."""
+    fails with RESOURCE_EXHAUSTED and a message that says so (never INTERNAL: running out is
+    not a bug), leaks nothing, and the agent goes on."""
     base = await baseline(agent)
-    old_soft, old_hard = (int(x) for x in subprocess.run(
-        ["prlimit", f"--pid={agent.pid}", "--nofile", "--raw", "--noheadings", "--output=SOFT,HARD"],
-        check=True, capture_output=True, text=True).stdout.split())
-    messages = []
+    old_soft, old_hard = _nofile(agent.pid)
+    outcomes = []
     async with await agent.connect() as c:
         calls = Calls(c)
-        connected = agent.snapshot()  # the baseline plus this connection
+        connected = await served_snapshot(agent, calls)  # the baseline plus this connection
         for room in range(0, 7):
             try:
                 _prlimit_nofile(agent.pid, psutil.Process(agent.pid).num_fds() + room)
                 try:
                     await calls.create("emfile", spec(agent))
                 except RpcError as err:
-                    messages.append(err.message)
-                    if "ran out of file descriptors" in err.message:  # the reply's fds did not all arrive
-                        assert err.code == Code.RESOURCE_EXHAUSTED, err
+                    outcomes.append((err.code, err.message))
                 else:
                     await calls.RemoveContainer(container_id="emfile")
-                    messages.append("created")
+                    outcomes.append((Code.OK, "created"))
             finally:
                 _prlimit_nofile(agent.pid, old_soft, old_hard)
             assert agent.alive()
-            assert await harness.settle(agent, connected, timeout=10, rss_slack=16 << 20) == [], (room, messages)
+            assert await harness.settle(agent, connected, timeout=10, rss_slack=16 << 20) == [], (room, outcomes)
         await works(agent, calls)
-    harness.figure("EMFILE sweep", outcomes=len(messages),
-                   replies_without_their_fds=sum("ran out of file descriptors" in m for m in messages))
-    for m in messages:
-        assert m == "created" or "Too many open files" in m or "file descriptors" in m, messages
-    assert any("ran out of file descriptors" in m for m in messages), ("no reply lost its fds", messages)
+    harness.figure("EMFILE sweep", outcomes=len(outcomes),
+                   replies_without_their_fds=sum("did not arrive" in m for _, m in outcomes))
+    for code, m in outcomes:
+        assert code == Code.OK or (code == Code.RESOURCE_EXHAUSTED and "ran out of file descriptors" in m), outcomes
+    assert any("did not arrive" in m for _, m in outcomes), ("no reply lost its fds", outcomes)
+    assert "Too many open files" not in "".join(r for r in agent.log().splitlines() if "traceback" in r)
     await nothing_left(agent, base, "emfile")
+
+
+async def test_exec_at_the_fd_limit_leaves_nothing(agent):
+    """ExecProcess with the agent's fd limit lowered step by step, so that the worker's reply
+    loses its fds (pidfd and stdio): RESOURCE_EXHAUSTED, and the process the worker had
+    started is killed and reaped (nothing runs that the host cannot wait for or signal), no
+    fd leaks, and the same exec id works afterwards."""
+    base = await baseline(agent)
+    marker = "16.1803"
+    proc = oci.process_from_dict({"args": ["/bin/sleep", marker], "cwd": "/"})
+    old_soft, old_hard = _nofile(agent.pid)
+    outcomes = []
+    async with await agent.connect() as c:
+        calls = Calls(c)
+        # Not "sh -c sleep": the init's command line must not change (sh execs) after the snapshot.
+        await calls.create("ex", devtools.default_spec(agent.rootfs, ["/bin/sleep", "1000"]))
+        await calls.StartContainer(container_id="ex")
+        running = await served_snapshot(agent, calls)  # the baseline plus this connection and the container
+        for room in range(0, 6):
+            try:
+                _prlimit_nofile(agent.pid, psutil.Process(agent.pid).num_fds() + room)
+                try:
+                    await calls.ExecProcess(container_id="ex", exec_id="e", process=proc)
+                except RpcError as err:
+                    outcomes.append((err.code, err.message))
+                else:
+                    outcomes.append((Code.OK, "exec'd"))
+            finally:
+                _prlimit_nofile(agent.pid, old_soft, old_hard)
+            if outcomes[-1][0] == Code.OK:
+                await calls.SignalProcess(container_id="ex", exec_id="e", signal=signal.SIGKILL)
+                assert (await calls.WaitProcess(container_id="ex", exec_id="e")).status == 128 + signal.SIGKILL
+                await calls.drain("ex", "e")  # read to EOF: its stdio is then closed
+                await calls.drain("ex", "e", stderr=True)
+            else:
+                # Gone by the time the host has its answer, not some time later.
+                assert processes_with(marker) == [], (room, outcomes)
+                with pytest.raises(RpcError) as err:
+                    await calls.WaitProcess(container_id="ex", exec_id="e")
+                assert err.value.code == Code.NOT_FOUND
+            assert agent.alive()
+            assert await harness.settle(agent, running, timeout=10, rss_slack=16 << 20) == [], (room, outcomes)
+        # The same exec id again: a process of its own, whose exit is its own.
+        await calls.ExecProcess(container_id="ex", exec_id="e", process=oci.process_from_dict(
+            {"args": ["/bin/sh", "-c", "echo again; exit 3"], "cwd": "/"}))
+        assert await calls.drain("ex", "e") == b"again\n"
+        assert (await calls.WaitProcess(container_id="ex", exec_id="e")).status == 3
+        await calls.RemoveContainer(container_id="ex")
+        await works(agent, calls)
+    harness.figure("ExecProcess at the fd limit", outcomes=len(outcomes),
+                   replies_without_their_fds=sum("ran out of file descriptors" in m for _, m in outcomes))
+    assert all(code in (Code.OK, Code.RESOURCE_EXHAUSTED) for code, _ in outcomes), outcomes
+    assert any("ran out of file descriptors" in m for _, m in outcomes), ("no reply lost its fds", outcomes)
+    await nothing_left(agent, base, "ex", marker)
+
+
+async def test_exec_past_its_deadline_leaves_nothing(agent):
+    """The worker stopped while an ExecProcess waits for it: the deadline passes, and when the
+    worker goes on, the process it then starts (whose reply nobody waits for) is killed and
+    reaped; the same exec id works afterwards."""
+    base = await baseline(agent)
+    marker = "14.1421"
+    async with await agent.connect() as c:
+        calls = Calls(c)
+        await calls.create("late", devtools.default_spec(agent.rootfs, ["/bin/sleep", "1000"]))
+        await calls.StartContainer(container_id="late")
+        running = await served_snapshot(agent, calls)
+        worker = worker_of(agent, "late")
+        worker.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(RpcError) as err:
+                await calls.ExecProcess(container_id="late", exec_id="e", timeout=0.3,
+                                        process=oci.process_from_dict({"args": ["/bin/sleep", marker], "cwd": "/"}))
+            assert err.value.code == Code.DEADLINE_EXCEEDED, err.value
+        finally:
+            worker.send_signal(signal.SIGCONT)
+        assert await harness.settle(agent, running, timeout=10, rss_slack=16 << 20) == []
+        assert processes_with(marker) == []
+        await calls.ExecProcess(container_id="late", exec_id="e", process=oci.process_from_dict(
+            {"args": ["/bin/sh", "-c", "echo again"], "cwd": "/"}))
+        assert await calls.drain("late", "e") == b"again\n"
+        assert (await calls.WaitProcess(container_id="late", exec_id="e")).status == 0
+        await calls.RemoveContainer(container_id="late")
+        await works(agent, calls)
+    await nothing_left(agent, base, "late", marker)
+
+
+async def test_rpcs_at_the_fd_limit_are_resource_exhausted_not_internal(agent):
+    """RPCs that open fds (a netlink socket, a module imported on first use, cgroup and /proc
+    files), at the fd limit: each answers or fails RESOURCE_EXHAUSTED "ran out of file
+    descriptors" — never INTERNAL, and no traceback in the log (it is not a bug)."""
+    base = await baseline(agent)
+    old_soft, old_hard = _nofile(agent.pid)
+    outcomes: dict[str, list] = {}
+    async with await agent.connect() as c:
+        calls = Calls(c)
+        await calls.create("fds", devtools.default_spec(agent.rootfs, ["/bin/sleep", "1000"]))
+        await calls.StartContainer(container_id="fds")
+        requests = {"ListInterfaces": {}, "ListRoutes": {}, "GetMetrics": {}, "GetGuestDetails": {},
+                    "StatsContainer": {"container_id": "fds"}}
+        for name, fields in requests.items():
+            for room in range(0, 3):
+                await calls.Check()  # the connection accepted: its fd is counted below
+                try:
+                    _prlimit_nofile(agent.pid, psutil.Process(agent.pid).num_fds() + room)
+                    try:
+                        await getattr(calls, name)(**fields)
+                    except RpcError as err:
+                        outcomes.setdefault(name, []).append((err.code, err.message))
+                    else:
+                        outcomes.setdefault(name, []).append((Code.OK, ""))
+                finally:
+                    _prlimit_nofile(agent.pid, old_soft, old_hard)
+        await calls.RemoveContainer(container_id="fds")
+        await works(agent, calls)
+    failed = [(name, m) for name, got in outcomes.items() for code, m in got if code != Code.OK]
+    harness.figure("RPCs at the fd limit", calls=sum(map(len, outcomes.values())), out_of_fds=len(failed))
+    for name, got in outcomes.items():
+        for code, m in got:
+            assert code == Code.OK or (code == Code.RESOURCE_EXHAUSTED and "ran out of file descriptors" in m), \
+                (name, outcomes)
+    assert failed, ("no RPC ran out of fds: the test did not test anything", outcomes)
+    assert "Too many open files" not in "".join(r for r in agent.log().splitlines() if "traceback" in r)
+    await nothing_left(agent, base, "fds")
 
 
 def test_zygote_at_its_fd_limit_answers_a_spawn():

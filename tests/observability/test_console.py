@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
+import resource
 import signal
 
 import pytest
@@ -22,6 +24,7 @@ from obs_harness import (
 
 from kagent import console
 from kagent.console import DebugConsole, InputFilter, encode_winsize
+from kagent.console.shell import start_error
 
 
 async def _served(zygote, tmp_sock_dir, **kw) -> tuple[DebugConsole, str]:
@@ -262,6 +265,62 @@ async def test_shell_that_cannot_start_is_reported_to_the_client(zygote, tmp_soc
         await c.close()
     finally:
         await con.close()
+
+
+class _StarvingZygote:
+    """The zygote's channel, but the first shell process it forks gets an fd limit of 0 before
+    the supervisor sends it its tty: the tty is lost on the way (MSG_CTRUNC), for real."""
+
+    def __init__(self, channel) -> None:
+        self.channel = channel
+        self.closed = channel.closed
+        self.starved: list[int] = []
+
+    async def request(self, obj, fds=()):
+        reply, got = await self.channel.request(obj, fds)
+        if "pid" in reply and not self.starved:  # the child waits for "start": no race
+            pid = int(reply["pid"])
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (0, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+            self.starved.append(pid)
+        return reply, got
+
+
+async def test_tty_lost_on_the_way_is_a_failed_start_and_the_console_goes_on(zygote, tmp_sock_dir):
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    logger = logging.getLogger("kagent.debug-console")
+    logger.addHandler(handler)
+    starving = _StarvingZygote(zygote_channel(zygote))
+    path = os.path.join(tmp_sock_dir, "console.sock")
+    con = DebugConsole(starving, address="unix://" + path, shells=[TEST_SHELL], env=SHELL_ENV)
+    assert await con.start()
+    try:
+        c = await ConsoleClient.connect(path)
+        out = await c.read_to_eof()
+        await c.close()
+        assert b"cannot start the debug shell" in out and b"ran out of file descriptors" in out, out
+        assert starving.starved and await wait_gone(starving.starved[0])
+        assert [r.getMessage() for r in errors] == ["debug console shell not started"], errors
+        c = await _session(path)  # the next connection gets its shell
+        assert (await c.run("echo still-$((6*7))")).strip() == "still-42"
+        await c.close()
+    finally:
+        logger.removeHandler(handler)
+        await con.close()
+
+
+@pytest.mark.parametrize("records, error", [
+    ([b'{"exec": "/bin/sh"}'], None),  # then EOF: the shell runs
+    ([], "exited before it could start the shell"),  # EOF alone: died without a word
+    ([b'{"error": "setsid: [Errno 1] Operation not permitted"}'], "setsid"),
+    ([b'{"exec": "/bin/sh"}', b'{"error": "exec /bin/sh: [Errno 8] Exec format error"}'], "Exec format"),
+    ([b"\xff"], "unexpected reply"),
+    ([b'{"exec": "/bin/sh"}', b'{"exec": "/bin/sh"}'], "unexpected reply"),
+])
+def test_start_error(records, error):
+    got = start_error(records)
+    assert got is None if error is None else error in got, got
 
 
 def test_find_shell_order(tmp_path):
