@@ -44,7 +44,7 @@ from kagent.ttrpc.codes import Code
 from kagent.ttrpc.limits import Admission, ConnectionGuard, Limits
 from kagent.ttrpc.socket_transport import SocketTransport
 from kagent.ttrpc.status import status_of
-from kagent.ttrpc.transports import _bind_unix, _bind_vsock, open_serial
+from kagent.ttrpc.transports import SerialPort, _bind_unix, _bind_vsock
 
 _log = klog.get_logger("ttrpc")
 
@@ -618,24 +618,33 @@ class Server:
         _log.info("listening", address=str(addr))
 
     async def _serve_serial(self, addr: Address) -> None:
-        """A serial port is one connection; EOF means the host is not there: reopen and wait."""
+        """A serial port is one connection at a time.  The port stays open from one host to
+        the next (closing it would drop the next host's first request, see SerialPort); it is
+        reopened only when it fails (EIO) or cannot be opened yet."""
         announced = False
         while not self.closing:
             try:
-                path = resolve_serial(addr.path)
-                _, proto = await open_serial(path, lambda: Connection(self))
-                conn: Connection = proto  # type: ignore[assignment]
-                if not announced:
-                    _log.info("listening", address=str(addr), device=path)
-                    announced = True
-                await conn.closed
-            except asyncio.CancelledError:
-                raise
+                port = SerialPort(resolve_serial(addr.path))
             except OSError as exc:
                 _log.warning("serial port unavailable, retrying", address=str(addr), error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
-            await asyncio.sleep(0.1)
+            if not announced:
+                _log.info("listening", address=str(addr), device=port.path)
+                announced = True
+            try:
+                while not self.closing:
+                    first = await port.wait_for_host()
+                    conn = Connection(self)
+                    transport = port.connect(conn, first)
+                    await conn.closed
+                    if transport.error is not None:
+                        raise transport.error
+            except OSError as exc:
+                _log.warning("serial port failed, reopening", address=str(addr), error=str(exc))
+                await asyncio.sleep(0.1)
+            finally:
+                port.close()
 
     @property
     def connections(self) -> int:

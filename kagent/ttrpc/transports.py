@@ -141,19 +141,25 @@ class CharDeviceTransport(asyncio.Transport):
     HIGH_WATER = 1 << 20
     LOW_WATER = 256 << 10
 
-    def __init__(self, fd: int, path: str, protocol: asyncio.Protocol) -> None:
+    def __init__(self, fd: int, path: str, protocol: asyncio.Protocol, *, owns_fd: bool = True) -> None:
         super().__init__({"peername": path, "sockname": path})
         self._fd = fd
+        self._owns_fd = owns_fd  # False: the fd outlives this connection (SerialPort)
         self._protocol = protocol
+        self.error: OSError | None = None  # why the device failed (EIO: a tty hung up), if it did
         self._loop = asyncio.get_running_loop()
         self._out = bytearray()
         self._closing = False
         self._paused = False
         self._writer_armed = False
 
-    def start(self) -> None:
+    def start(self, first: bytes = b"") -> None:
+        """Begin; ``first``: input already read from the device, delivered before the rest."""
         self._protocol.connection_made(self)
-        self._loop.add_reader(self._fd, self._on_readable)
+        if first:
+            self._protocol.data_received(first)
+        if not self._closing:
+            self._loop.add_reader(self._fd, self._on_readable)
 
     def _on_readable(self) -> None:
         try:
@@ -221,15 +227,69 @@ class CharDeviceTransport(asyncio.Transport):
     def abort(self) -> None:
         self._finish(None)
 
-    def _finish(self, exc: Exception | None) -> None:
+    def _finish(self, exc: OSError | None) -> None:
         if self._closing:
             return
         self._closing = True
+        self.error = exc
         self._loop.remove_reader(self._fd)
         if self._writer_armed:
             self._loop.remove_writer(self._fd)
-        os.close(self._fd)
+        if self._owns_fd:
+            os.close(self._fd)
         self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
+class SerialPort:
+    """A virtio-serial port (or a tty) kept open for the agent's whole life, one host
+    connection after another.
+
+    Closing a virtio-serial port in the guest discards the input it holds, so a port
+    closed at one host's EOF and opened again would lose what the next host sent in
+    between (its first request).  Kept open, nothing is lost.  While no host is there a
+    read returns EOF at once and poll() reports POLLHUP without end, so the port cannot
+    wait in the event loop: ``wait_for_host`` tries a read every POLL_INTERVAL instead,
+    until the read has data or would block (a host is connected).
+    """
+
+    POLL_INTERVAL = 0.02
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if os.isatty(self.fd):
+                import termios
+                import tty
+
+                tty.setraw(self.fd)  # a tty must not echo or translate our bytes
+                termios.tcflush(self.fd, termios.TCIOFLUSH)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    async def wait_for_host(self) -> bytes:
+        """Return once a host is connected, with what it has sent so far (maybe nothing).
+        OSError (EIO: a tty's other side is gone for good) means: reopen the port."""
+        while True:
+            try:
+                data = os.read(self.fd, 256 << 10)
+            except (BlockingIOError, InterruptedError):
+                return b""  # connected, nothing sent yet
+            if data:
+                return data
+            await asyncio.sleep(self.POLL_INTERVAL)  # EOF: nobody on the host side
+
+    def connect(self, protocol: asyncio.Protocol, first: bytes) -> CharDeviceTransport:
+        """One host connection on the port; it ends at the host's EOF, the port stays open."""
+        transport = CharDeviceTransport(self.fd, self.path, protocol, owns_fd=False)
+        transport.start(first)
+        return transport
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 async def open_serial(path: str, factory: ProtocolFactory) -> tuple[CharDeviceTransport, asyncio.Protocol]:
