@@ -209,6 +209,14 @@ class AgentStateCollector:
         kills = getattr(getattr(self.agent, "oom_events", None), "kills", None)
         if kills is not None:
             yield CounterMetricFamily("kagent_oom_events", "OOM kills seen in containers.", value=kills)
+        from kagent import stdio  # loaded with the agent's services; imported here for its counters
+
+        moved = CounterMetricFamily("kagent_stdio_bytes", "Container stdio bytes moved, by direction "
+                                    "(out: to the host, in: from it) and path (copy or splice).",
+                                    labels=["direction", "path"])
+        for (direction, path), count in sorted(dict(stdio.BYTES).items()):
+            moved.add_metric([direction, path], count)
+        yield moved
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,8 +154,13 @@ async def test_container_start_moves_the_counters():
         await setup.ready()
         before = _samples(await setup.scrape())
         calls = await connect(setup.agent)
-        await calls.create(cid, devtools.default_spec(rootfs, ["/bin/sh", "-c", "sleep 1000"]))
+        # cat echoes stdin to stdout: bytes in through WriteStdin, out through ReadStdout.
+        await calls.create(cid, devtools.default_spec(rootfs, ["/bin/sh", "-c", "cat; sleep 1000"]))
         await calls.StartContainer(container_id=cid)
+        await calls.WriteStdin(container_id=cid, exec_id=cid, data=b"x" * 5000)
+        echoed = b""
+        while len(echoed) < 5000:
+            echoed += (await calls.ReadStdout(container_id=cid, exec_id=cid, len=65536)).data
         during = _samples(await setup.scrape())
         await calls.SignalProcess(container_id=cid, exec_id=cid, signal=9)
         await calls.WaitProcess(container_id=cid, exec_id=cid)
@@ -189,6 +194,10 @@ async def test_container_start_moves_the_counters():
     assert moved("kagent_container_start_seconds_count") == 1
     assert moved("kagent_container_create_seconds_count") == 1
     assert moved("kagent_rpc_requests_total", (("code", "OK"), ("rpc", "StartContainer"))) == 1
+    assert echoed == b"x" * 5000
+    assert moved("kagent_stdio_bytes_total", (("direction", "in"), ("path", "copy"))) == 5000
+    out = (moved("kagent_stdio_bytes_total", (("direction", "out"), ("path", p))) for p in ("copy", "splice"))
+    assert sum(out) == 5000
     assert during[("kagent_container_workers", ())] == 1
     assert after[("kagent_container_workers", ())] == 0
 
