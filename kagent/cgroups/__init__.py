@@ -3,7 +3,7 @@
     from kagent import cgroups
     m = cgroups.new_manager(config.cgroup_parent)      # v1 (and hybrid) or v2, as mounted
     m.create(spec["linux"].get("cgroupsPath", ""), spec["linux"].get("resources"), container_id=cid)
-    m.apply(pid)
+    m.enter()                                          # in the forked init (or m.apply(pid))
 
 See manager.py for the whole interface, paths.py for where cgroups go,
 oom.py for the OOM fd, mount.py for init mode.

@@ -4,7 +4,8 @@ A ``Manager`` is bound to one container cgroup::
 
     m = new_manager(parent="kagent")              # the driver follows what is mounted
     m.create("/kubepods/pod1/c1", resources, container_id="c1")
-    m.apply(pid)                                  # before the process runs anything
+    m.enter()                                     # in a forked child, before it runs anything
+    m.apply(pid)                                  # or its parent moves it
     m.set(new_resources, update=True)             # UpdateContainer
     m.stats()                                     # dict shaped like agent_pb2.CgroupStats
     m.freeze(); m.thaw(); m.state()               # Pause/ResumeContainer
@@ -146,6 +147,25 @@ class Manager(abc.ABC):
             fswrite.write_batch(items)
         except OSError as exc:
             raise to_domain(exc, f"move process {pid} into cgroup {self.path}") from exc
+
+    #: the file through which a process moves itself (``enter``); v1 says "tasks"
+    self_file = "cgroup.procs"
+
+    def enter(self) -> None:
+        """Move the calling process into the container's cgroup in every hierarchy: what a
+        child just forked (one thread) does first, in place of ``apply(pid)`` by its parent.
+
+        Written as 0 ("me") to each hierarchy's ``self_file``.  On v1 that is ``tasks``, and a
+        thread that moves itself does not take the kernel's global cgroup_threadgroup_rwsem;
+        a pid written to cgroup.procs does, and the first writer after an idle moment waits
+        there for an RCU grace period (p50 2.9 ms, p90 9.7 ms on these machines, against
+        0.4 ms for 8 hierarchies this way: most of a container create's idle time)."""
+        self._bound()
+        items = [(os.path.join(d, self.self_file), "0") for d in self.dirs() if os.path.isdir(d)]
+        try:
+            fswrite.write_batch(items)
+        except OSError as exc:
+            raise to_domain(exc, f"enter cgroup {self.path}") from exc
 
     def pids(self) -> list[int]:
         """The processes in the container's cgroup."""

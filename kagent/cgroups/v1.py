@@ -53,6 +53,7 @@ def _as_limit(value: int) -> float:
 
 class V1Manager(Manager):
     driver = "v1"
+    self_file = "tasks"  # see Manager.enter
 
     def _dir(self, controller: str) -> str | None:
         root = self.layout.v1.get(controller)

@@ -99,11 +99,13 @@ def start_init(
     *,
     on_forked: Callable[[int], None] | None = None,
     container_id: str | None = None,
+    enter_cgroup: Callable[[], None] | None = None,
 ) -> InitHandle:
     """Fork the container's init and set it up; it then waits for ``InitHandle.start()``.
 
-    ``on_forked(pid)`` runs in the worker before the child does anything (cgroup
-    placement).  With a new pid namespace owned by a new user namespace the
+    ``on_forked(pid)`` runs in the worker before the child does anything;
+    ``enter_cgroup()`` runs in the child before it does anything else (the
+    cgroup placement: kagent.cgroups Manager.enter).  With a new pid namespace owned by a new user namespace the
     init is that child's child and inherits its cgroups.  ``stdio`` is consumed.
     """
     cid = container_id or os.path.basename(os.path.normpath(bundle))
@@ -126,7 +128,7 @@ def start_init(
             pid = os.fork()
             if pid == 0:
                 parent.close()
-                _child(child, lambda ch: _init_body(ch, spec, bundle, cid, root, plan, stdio))
+                _child(child, lambda ch: _init_body(ch, spec, bundle, cid, root, plan, stdio, enter_cgroup))
     except BaseException:
         parent.close()
         child.close()
@@ -154,8 +156,10 @@ def exec_process(
     stdio: ChildStdio,
     *,
     on_forked: Callable[[int], None] | None = None,
+    enter_cgroup: Callable[[], None] | None = None,
 ) -> int:
-    """Fork ``process`` into the namespaces of the container whose init is ``init_pid``.
+    """Fork ``process`` into the namespaces of the container whose init is ``init_pid``;
+    ``on_forked`` and ``enter_cgroup`` as for start_init.
 
     Returns the pid once the exec has happened; a failure before it raises
     SetupError and leaves nothing behind.  ``stdio`` is consumed.
@@ -175,7 +179,7 @@ def exec_process(
                 _child(
                     child,
                     lambda ch: _exec_body(
-                        ch, init_pid, spec, process, stdio, on_forked is not None
+                        ch, init_pid, spec, process, stdio, on_forked is not None, enter_cgroup
                     ),
                 )
     except FileNotFoundError as exc:
@@ -444,8 +448,12 @@ def _init_body(
     root: str,
     plan: namespaces.Plan,
     stdio: ChildStdio,
+    enter_cgroup: Callable[[], None] | None,
 ) -> None:
     chan.expect("go")
+    if enter_cgroup is not None:  # first: all that follows is the container's, namespaces too
+        with step("enter the container's cgroup"):
+            enter_cgroup()
 
     def warn(message: str) -> None:
         chan.send("warning", message=message)
@@ -514,10 +522,14 @@ def _fork_into_pidns(chan: Channel) -> None:
 
 
 def _exec_body(
-    chan: Channel, init_pid: int, spec: dict, process: dict, stdio: ChildStdio, wait_go: bool
+    chan: Channel, init_pid: int, spec: dict, process: dict, stdio: ChildStdio, wait_go: bool,
+    enter_cgroup: Callable[[], None] | None,
 ) -> None:
     if wait_go:
         chan.expect("go")
+    if enter_cgroup is not None:  # while the cgroup files are still in view (our mount namespace)
+        with step("enter the container's cgroup"):
+            enter_cgroup()
 
     def warn(message: str) -> None:
         chan.send("warning", message=message)

@@ -160,7 +160,7 @@ class Worker:
             try:
                 with _timed(timings, "init set-up (namespaces, rootfs, process)"):
                     handle = start_init(spec, self.bundle, child, container_id=self.cid,
-                                        on_forked=self.cgroup.apply if self.cgroup else None)
+                                        enter_cgroup=self.cgroup.enter if self.cgroup else None)
             except BaseException:
                 parent.close()
                 raise
@@ -232,7 +232,7 @@ class Worker:
         parent, child = make_stdio(bool(process.get("terminal")), int(msg.get("pipe_size") or 0))
         try:
             pid = exec_process(self.init_pid, self.spec or {}, process, child,
-                               on_forked=self.cgroup.apply if self.cgroup else None)
+                               enter_cgroup=self.cgroup.enter if self.cgroup else None)
         except BaseException:
             parent.close()
             raise

@@ -17,12 +17,14 @@ import uuid
 
 import pytest
 
+# Helpers the tests import live in cgroup_support: "from conftest import" finds whichever
+# conftest was imported first when several folders are collected together.
+from cgroup_support import NO_EXTENSIONS, read, write  # noqa: F401
+
 from kagent import _fast
 from kagent.cgroups import fswrite
 from kagent.cgroups.paths import Layout
 
-NO_EXTENSIONS = os.environ.get("KAGENT_NO_EXTENSIONS") == "1"
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 UNIFIED = "/sys/fs/cgroup/unified"
 
 
@@ -35,21 +37,6 @@ def writer(request):
     fswrite.select(request.param)
     yield request.param
     fswrite.select(before)
-
-
-def v1_layout() -> Layout:
-    layout = Layout.discover()
-    if layout.driver != "v1":
-        pytest.skip("needs cgroup v1 hierarchies")
-    return layout
-
-
-def v2_layout() -> Layout:
-    """This machine's cgroup2 as a v2-only layout (the v1 hierarchies stay untouched)."""
-    layout = Layout.discover()
-    if not layout.unified:
-        pytest.skip("needs a cgroup2 mount")
-    return Layout("v2", {}, layout.unified)
 
 
 def _thaw_and_kill(directory: str) -> None:
@@ -233,13 +220,3 @@ def probes(test_parent):
         _thaw_tree(os.path.join(root, test_parent))
     for p in started:
         p.stop()
-
-
-def read(path: str) -> str:
-    with open(path) as f:
-        return f.read().strip()
-
-
-def write(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)

@@ -14,7 +14,7 @@ import select
 import shutil
 
 import pytest
-from conftest import FIXTURES
+from cgroup_support import FIXTURES
 
 from kagent.cgroups import fswrite, stats
 from kagent.cgroups.manager import THAWED

@@ -11,7 +11,7 @@ import os
 import pickle
 
 import pytest
-from conftest import NO_EXTENSIONS, read
+from cgroup_support import NO_EXTENSIONS, read
 
 from kagent import _fast
 from kagent.cgroups import fswrite

@@ -17,7 +17,7 @@ import os
 import traceback
 
 import pytest
-from conftest import FIXTURES, v1_layout, v2_layout
+from cgroup_support import FIXTURES, v1_layout, v2_layout
 
 from kagent.cgroups import new_manager
 from kagent.cgroups.mount import MountStep, mount_cgroups, parse_proc_cgroups, plan

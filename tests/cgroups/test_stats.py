@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import FIXTURES
+from cgroup_support import FIXTURES
 
 from kagent.cgroups import stats
 from kagent.protocols import agent_pb2

@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import read, v2_layout
+from cgroup_support import read, v2_layout
 
 from kagent.cgroups import bpfdev, new_manager
 from kagent.cgroups.manager import FROZEN, THAWED
@@ -136,3 +136,24 @@ def test_devices_through_a_bpf_program(test_parent, probes):
     p2 = probes()
     m2.apply(p2.pid)
     assert p2.ask("open /dev/zero") == "ok" and p2.ask("open /dev/kmsg") == f"errno {errno.EPERM}"
+
+
+def test_a_child_enters_its_cgroup(test_parent):
+    """Manager.enter on v2: "0" written to cgroup.procs moves the caller (a forked init)."""
+    m = manager(test_parent, default_devices=False)
+    m.create("pod/c1", {}, container_id="c1")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            m.enter()
+            with open("/proc/self/cgroup") as fh:
+                os.write(w, fh.read().encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as fh:
+        lines = fh.read().splitlines()
+    os.waitpid(pid, 0)
+    assert f"0::/{m.path}" in lines, lines
