@@ -1,7 +1,10 @@
 """Mounting the cgroup hierarchies when the agent is the guest's init (upstream mount.rs).
 
 v2 (``agent.unified_cgroup_hierarchy``): one ``cgroup2`` at ``root`` with
-nsdelegate, then every offered controller is enabled in the root's
+nsdelegate and favordynmods (without it a process moved into a cgroup, as each
+container's init is, can wait an RCU grace period for the kernel's threadgroup
+lock; a kernel older than 6.0 refuses the option and gets nsdelegate alone),
+then every offered controller is enabled in the root's
 cgroup.subtree_control (the manager enables them further down as it creates
 cgroups).
 
@@ -16,6 +19,7 @@ then the tmpfs is remounted read-only and memory.use_hierarchy is set to 1.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
@@ -76,7 +80,7 @@ def parse_proc_cgroups(text: str) -> list[str]:
 def plan(unified: bool, root: str, proc_cgroups: str) -> list[MountStep]:
     """The mounts for the v2 or v1 layout; empty when v1 has no devices controller."""
     if unified:
-        return [MountStep("cgroup2", root, "cgroup2", _BASE | MS_RELATIME, "nsdelegate")]
+        return [MountStep("cgroup2", root, "cgroup2", _BASE | MS_RELATIME, "nsdelegate,favordynmods")]
     controllers = parse_proc_cgroups(proc_cgroups)
     if "devices" not in controllers:
         return []
@@ -100,7 +104,13 @@ def mount_cgroups(unified: bool, root: str = "/sys/fs/cgroup", proc_cgroups: str
     for step in steps:
         if step.target != root:
             os.makedirs(step.target, mode=0o755, exist_ok=True)
-        syscalls.mount(step.source, step.target, step.fstype, step.flags, step.data)
+        try:
+            syscalls.mount(step.source, step.target, step.fstype, step.flags, step.data)
+        except OSError as exc:
+            if not (exc.errno == errno.EINVAL and step.fstype == "cgroup2"):
+                raise
+            log.info("cgroup2 mounted without favordynmods (the kernel does not know it)")
+            syscalls.mount(step.source, step.target, step.fstype, step.flags, "nsdelegate")
         done.append(step.target)
     if unified:
         _enable_root_controllers(root)

@@ -44,7 +44,7 @@ def test_parse_proc_cgroups():
 
 def test_plan():
     assert plan(True, "/sys/fs/cgroup", "") == [
-        MountStep("cgroup2", "/sys/fs/cgroup", "cgroup2", BASE | MS_RELATIME, "nsdelegate")]
+        MountStep("cgroup2", "/sys/fs/cgroup", "cgroup2", BASE | MS_RELATIME, "nsdelegate,favordynmods")]
     steps = plan(False, "/r", "cpu\t1\t1\t1\ncpuacct\t2\t1\t1\ndevices\t3\t1\t1\n")
     assert steps == [
         MountStep("tmpfs", "/r", "tmpfs", BASE, "mode=755"),
