@@ -196,6 +196,15 @@ class ConnectionGuard:
 
     # -- requests -------------------------------------------------------------------
 
+    def clear(self, length: int, payload: bytes | None, inflight: int) -> bool:
+        """Whether nothing stops this request: the usual case, told in one call per request
+        (``refuse`` and ``busy`` say what does, when something does)."""
+        lim = self.limits
+        adm = self.admission
+        return (self.refusal is None and payload is not None and inflight < lim.max_inflight
+                and adm.inflight < lim.max_inflight_total
+                and adm.inflight_bytes + length <= lim.max_inflight_bytes)
+
     def refuse(self, length: int, payload: bytes | None) -> str | None:
         """Why this request frame is refused at once (a refused connection: RESOURCE_EXHAUSTED;
         an oversized frame: INVALID_ARGUMENT, as the upstream agent), or None."""
