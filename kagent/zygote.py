@@ -91,6 +91,7 @@ def _run_worker(entry: Callable, wsock: socket.socket, args: dict, keep: set[int
     code = 1
     try:
         signal.set_wakeup_fd(-1)
+        gc.enable()  # the zygote's objects are frozen: a worker's collections never touch them
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         code = int(entry(wsock, args) or 0)
@@ -138,6 +139,9 @@ def fork_zygote(extra_close: tuple[int, ...] = ()) -> ZygoteHandle:
 def serve(sock: socket.socket) -> int:
     """The zygote's loop: answer requests, reap workers, exit when the supervisor goes."""
     set_title("kagent: zygote")
+    # No collection from here to the freeze (as the gc.freeze docs advise): one would free
+    # objects all over the heap, and each worker filling those holes copies the page.
+    gc.disable()
     with contextlib.suppress(ImportError, OSError):
         # Preloaded once here, so that every worker forked later has them already (an import
         # after the fork costs each container start ~100 ms and each worker ~5 MB of its own).
