@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from cgroup_support import read, v1_layout, write
+from cgroup_support import enter_in_child, read, v1_layout, write
 
 from kagent.cgroups import fswrite, new_manager, update_cpuset_path
 from kagent.cgroups.manager import FROZEN, THAWED
@@ -324,34 +324,13 @@ def test_update_cpuset_path_by_cgroups_path(test_parent):
         update_cpuset_path("0-1", "/kubepods/podA/none", "1", parent=test_parent, layout=m.layout)
 
 
-def _enter_in_child(m) -> str:
-    """fork; the child calls m.enter() and sends back its /proc/self/cgroup (or the error)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.close(r)
-            m.enter()
-            with open("/proc/self/cgroup") as fh:
-                os.write(w, fh.read().encode())
-        except BaseException as exc:
-            os.write(w, f"error {exc!r}".encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as fh:
-        out = fh.read()
-    os.waitpid(pid, 0)
-    return out
-
-
 def test_a_child_enters_its_cgroup_in_every_hierarchy(test_parent):
     """Manager.enter (the forked init's own placement, through 'tasks') lands where apply(pid)
     would: the container's cgroup in every hierarchy the manager uses."""
     m = manager(test_parent)
     m.create("pod/c1", {}, container_id="c1")
     assert m.self_file == "tasks"
-    lines = _enter_in_child(m)
+    lines = enter_in_child(m)
     assert not lines.startswith("error"), lines
     placed = {}
     for line in lines.splitlines():
@@ -371,5 +350,5 @@ def test_enter_names_the_cgroup_when_it_fails(test_parent):
     if "cpuset" not in m.layout.v1:
         pytest.skip("no cpuset hierarchy")
     write(f(m, "cpuset", "cpuset.cpus"), "\n")  # (an empty write would not reach the kernel)
-    out = _enter_in_child(m)
+    out = enter_in_child(m)
     assert out.startswith("error") and f"enter cgroup {m.path}" in out, out

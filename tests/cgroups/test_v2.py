@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from cgroup_support import read, v2_layout
+from cgroup_support import enter_in_child, read, v2_layout
 
 from kagent.cgroups import bpfdev, new_manager
 from kagent.cgroups.manager import FROZEN, THAWED
@@ -142,18 +142,5 @@ def test_a_child_enters_its_cgroup(test_parent):
     """Manager.enter on v2: "0" written to cgroup.procs moves the caller (a forked init)."""
     m = manager(test_parent, default_devices=False)
     m.create("pod/c1", {}, container_id="c1")
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.close(r)
-            m.enter()
-            with open("/proc/self/cgroup") as fh:
-                os.write(w, fh.read().encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as fh:
-        lines = fh.read().splitlines()
-    os.waitpid(pid, 0)
+    lines = enter_in_child(m).splitlines()
     assert f"0::/{m.path}" in lines, lines
