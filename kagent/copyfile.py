@@ -25,8 +25,8 @@ import shutil
 import stat
 from dataclasses import dataclass
 
-from kagent.errors import InvalidArgument, PermissionDenied, refuse_nul
-from kagent.guest import SHARED_DIR, os_error
+from kagent.errors import InvalidArgument, PermissionDenied, os_error, refuse_nul
+from kagent.guest import SHARED_DIR
 from kagent.log import get_logger
 
 log = get_logger("copyfile")

@@ -4,6 +4,8 @@ never picks a code itself."""
 
 from __future__ import annotations
 
+import errno
+
 from kagent.ttrpc.codes import Code
 
 
@@ -67,3 +69,15 @@ def refuse_nul(value: str, what: str) -> str:
     if "\0" in value:
         raise InvalidArgument(f"{what} {value!r} contains a NUL byte")
     return value
+
+
+def os_error(exc: OSError, what: str) -> AgentError:
+    """An OSError from the kernel → the domain error that names what failed."""
+    text = f"{what}: {exc.strerror or exc}"
+    if isinstance(exc, FileNotFoundError):
+        return NotFound(text)
+    if isinstance(exc, PermissionError):
+        return PermissionDenied(text)
+    if exc.errno in (errno.EINVAL, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
+        return InvalidArgument(text)
+    return AgentError(text)

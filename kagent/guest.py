@@ -30,6 +30,7 @@ from kagent.errors import (
     NotFound,
     PermissionDenied,
     Unimplemented,
+    os_error,
     refuse_nul,
 )
 from kagent.log import get_logger
@@ -51,18 +52,6 @@ CLOCK_REALTIME = 0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _ioctl = fcntl.ioctl  # module attributes, so that tests can put a fake in their place
-
-
-def os_error(exc: OSError, what: str) -> AgentError:
-    """An OSError from the kernel → the domain error that names what failed."""
-    text = f"{what}: {exc.strerror or exc}"
-    if isinstance(exc, FileNotFoundError):
-        return NotFound(text)
-    if isinstance(exc, PermissionError):
-        return PermissionDenied(text)
-    if exc.errno in (errno.EINVAL, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
-        return InvalidArgument(text)
-    return AgentError(text)
 
 
 # --- GetGuestDetails ---------------------------------------------------------------------------
