@@ -140,6 +140,21 @@ def make_rootfs(parent: str) -> str:
     return devtools.build_busybox_rootfs(os.path.join(parent, "rootfs"))
 
 
+@contextlib.contextmanager
+def busybox_agent(**kw):
+    """An AgentUnderTest (``kw`` as its own) with a busybox rootfs in its workdir
+    (``.rootfs``); at the end it must stop cleanly and leave nothing behind."""
+    busybox_or_skip()
+    a = AgentUnderTest(**{"log_level": "info", **kw})
+    a.rootfs = make_rootfs(a.workdir)
+    try:
+        yield a
+    finally:
+        rc = a.stop()
+        left = a.cleanup()
+        assert rc == 0 and left == [], (rc, left)
+
+
 # --- the agent ---------------------------------------------------------------------------------
 
 # Runs as root in the fresh namespaces, then execs the agent without the capabilities that

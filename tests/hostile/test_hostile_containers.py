@@ -20,15 +20,8 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture(scope="module")
 def agent():
-    harness.busybox_or_skip()
-    a = harness.AgentUnderTest(log_level="info")
-    a.rootfs = harness.make_rootfs(a.workdir)
-    try:
+    with harness.busybox_agent() as a:
         yield a
-    finally:
-        rc = a.stop()
-        left = a.cleanup()
-        assert rc == 0 and left == [], (rc, left)
 
 
 def spec(agent, script: str, **resources) -> dict:

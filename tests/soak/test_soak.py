@@ -91,15 +91,8 @@ async def create_cycle(calls: Calls, rootfs: str, worker: int, i: int) -> None:
 
 @pytest.fixture(scope="module")
 def agent():
-    harness.busybox_or_skip()
-    a = harness.AgentUnderTest(log_level="info")
-    a.rootfs = harness.make_rootfs(a.workdir)
-    try:
+    with harness.busybox_agent() as a:
         yield a
-    finally:
-        rc = a.stop()
-        left = a.cleanup()
-        assert rc == 0 and left == [], (rc, left)
 
 
 async def test_soak_exec_and_create_cycles_return_to_baseline(agent):
