@@ -20,18 +20,51 @@ from typing import Any
 
 from kagent.errors import ResourceExhausted
 
-MAX_RECORD = 1 << 20
+MAX_RECORD = 1 << 20  # what one recvmsg takes: an inline record is far smaller (INLINE_MAX)
 MAX_FDS = 16
+# A SEQPACKET record must fit the sender's socket buffer (~208 KiB by default: EMSGSIZE
+# beyond it), and a spec may be as large as a ttRPC message (agent.ttrpc_max_message_size).
+# A record longer than INLINE_MAX travels in a memfd sent with it; the record on the socket
+# then says {"_large": length} and keeps the fields that route it (ROUTING).
+INLINE_MAX = 64 << 10
+MAX_LARGE = 256 << 20
+ROUTING = ("id", "reply", "op", "event")
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
 
 
-def send(sock: socket.socket, obj: dict[str, Any], fds: Sequence[int] = ()) -> None:
+def encode(obj: dict[str, Any], fds: Sequence[int] = ()) -> tuple[bytes, list[int], int | None]:
+    """(record, fds to send, a memfd made for a large record: the sender closes it once sent)."""
     data = json.dumps(obj, separators=(",", ":")).encode()
-    if len(data) > MAX_RECORD:
-        raise ValueError(f"ipc record of {len(data)} bytes exceeds {MAX_RECORD}")
+    if len(data) <= INLINE_MAX:
+        return data, list(fds), None
+    if len(data) > MAX_LARGE:
+        raise ValueError(f"ipc record of {len(data)} bytes exceeds {MAX_LARGE}")
+    memfd = os.memfd_create("kagent-ipc", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(memfd, view):]
+    except BaseException:
+        os.close(memfd)
+        raise
+    head = {key: obj[key] for key in ROUTING if key in obj}
+    head["_large"] = len(data)
+    return json.dumps(head, separators=(",", ":")).encode(), [*fds, memfd], memfd
+
+
+def send(sock: socket.socket, obj: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    data, fds, memfd = encode(obj, fds)
+    try:
+        _sendmsg(sock, data, fds)
+    finally:
+        if memfd is not None:
+            os.close(memfd)
+
+
+def _sendmsg(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
     if fds:
         socket.send_fds(sock, [data], list(fds))
     else:
@@ -43,10 +76,33 @@ def _decode(data: bytes, fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         obj = json.loads(data)
         if not isinstance(obj, dict):
             raise ValueError("record is not an object")
+        if "_large" in obj:
+            obj = _read_large(obj, fds)
     except ValueError:
         _close(fds)
         raise
     return obj, fds
+
+
+def _read_large(head: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+    """The record a large record's head stands for, read from its memfd (the last fd, taken
+    off ``fds`` and closed)."""
+    size = head["_large"]
+    if not fds or not isinstance(size, int) or not 0 <= size <= MAX_LARGE:
+        raise ValueError(f"malformed large ipc record {head!r}")
+    memfd = fds.pop()
+    try:
+        data = os.pread(memfd, size + 1, 0)
+    except OSError as exc:
+        raise ValueError(f"cannot read a large ipc record: {exc}") from exc
+    finally:
+        os.close(memfd)
+    if len(data) != size:
+        raise ValueError(f"large ipc record of {len(data)} bytes, announced {size}")
+    obj = json.loads(data)
+    if not isinstance(obj, dict):
+        raise ValueError("record is not an object")
+    return obj
 
 
 def _close(fds: Sequence[int]) -> None:
@@ -71,12 +127,20 @@ def _record(data: bytes, fds: list[int], flags: int, receiver: str,
     if flags & socket.MSG_TRUNC:
         _close(fds)
         raise ValueError("ipc record truncated")
-    obj, fds = _decode(data, fds)
     if flags & socket.MSG_CTRUNC:
-        _close(fds)
-        raise FdsLost(obj, f"{receiver} ran out of file descriptors (Too many open files): "
-                           f"the fds sent with a record from {sender} did not arrive")
-    return obj, fds
+        _close(fds)  # before decoding: a large record's memfd may be among the lost
+        head, _ = _decode_head(data)
+        raise FdsLost(head, f"{receiver} ran out of file descriptors (Too many open files): "
+                            f"the fds sent with a record from {sender} did not arrive")
+    return _decode(data, fds)
+
+
+def _decode_head(data: bytes) -> tuple[dict[str, Any], list[int]]:
+    """The record as it came on the socket (a large one's head, not read)."""
+    obj = json.loads(data)
+    if not isinstance(obj, dict):
+        raise ValueError("record is not an object")
+    return obj, []
 
 
 def recv(sock: socket.socket, receiver: str = "this process") -> tuple[dict[str, Any], list[int]] | None:
@@ -103,6 +167,7 @@ class Channel:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self.on_event = on_event
+        self._send_lock = asyncio.Lock()  # held by records waiting for room in the socket
         self.closed = asyncio.get_running_loop().create_future()
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
@@ -148,14 +213,45 @@ class Channel:
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
+        data, fds, memfd = encode({**obj, "id": rid}, fds)
         try:
             try:
-                send(self.sock, {**obj, "id": rid}, fds)
+                await self._send(data, fds)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise ChannelClosed(f"{self.name} is gone: {exc}") from None
+            finally:
+                if memfd is not None:
+                    os.close(memfd)
             return await fut
         finally:
             self._pending.pop(rid, None)
+
+    async def _send(self, data: bytes, fds: Sequence[int]) -> None:
+        """Send one record; while the socket's buffer is full (a peer busy with earlier
+        requests), wait until it is writable rather than fail.  Records that had to wait go
+        out one at a time and in order (the loop keeps one writer callback per fd)."""
+        if not self._send_lock.locked():
+            try:
+                _sendmsg(self.sock, data, fds)
+                return
+            except BlockingIOError:
+                pass
+        loop = asyncio.get_running_loop()
+        async with self._send_lock:
+            while True:
+                try:
+                    _sendmsg(self.sock, data, fds)
+                    return
+                except BlockingIOError:
+                    pass
+                if self.closed.done():
+                    raise ChannelClosed(f"{self.name} is gone")
+                writable = loop.create_future()
+                loop.add_writer(self.sock.fileno(), _set_once, writable)
+                try:
+                    await asyncio.wait([writable, self.closed], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    loop.remove_writer(self.sock.fileno())
 
     def _close(self, exc: Exception | None) -> None:
         with contextlib.suppress(Exception):
@@ -171,3 +267,8 @@ class Channel:
     def close(self) -> None:
         self._close(None)
         self.sock.close()
+
+
+def _set_once(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -341,3 +341,28 @@ async def test_devices_get_the_guests_major_minor(agent, rootfs, tmp_path):
         await calls.RemoveContainer(container_id="c1")
     finally:
         subprocess.run(["losetup", "-d", node], check=False)
+
+
+async def test_specs_larger_than_a_socket_record(agent, rootfs):
+    """A spec (and an exec's process) of hundreds of KiB, as big environments and annotations
+    make them: more than one SEQPACKET record to the worker may hold (it goes in a memfd)."""
+    calls = await connect(agent)
+    env = ["PATH=/bin"] + [f"BIG{i}={'v' * 1000}" for i in range(300)]
+    spec = spec_for(rootfs, 'echo ${#BIG299}; env | grep -c ^BIG')
+    spec["process"]["env"] = env
+    spec["annotations"] = {"io.kagent.test/blob": "a" * (600 << 10)}
+    await calls.create("c1", spec)
+    await calls.StartContainer(container_id="c1")
+    assert await calls.read_all("c1", "c1") == b"1000\n300\n"
+    assert (await calls.WaitProcess(container_id="c1", exec_id="c1")).status == 0
+    await calls.RemoveContainer(container_id="c1")
+
+    await calls.create("c2", spec_for(rootfs, "sleep 100"))
+    await calls.StartContainer(container_id="c2")
+    process = {"args": ["/bin/sh", "-c", "env | grep -c ^BIG"], "cwd": "/", "env": env}
+    await calls.ExecProcess(container_id="c2", exec_id="e1", process=oci.process_from_dict(process))
+    assert await calls.read_all("c2", "e1") == b"300\n"
+    assert (await calls.WaitProcess(container_id="c2", exec_id="e1")).status == 0
+    await calls.SignalProcess(container_id="c2", exec_id="c2", signal=9)
+    await calls.WaitProcess(container_id="c2", exec_id="c2")
+    await calls.RemoveContainer(container_id="c2")
