@@ -27,10 +27,12 @@ class CgroupWriteError(OSError):
 
 
 # errno → the domain error a handler should answer with.  EINVAL/ERANGE: the
-# kernel refused the value; EBUSY: the cgroup's state forbids it now (children,
+# kernel refused the value; ENODEV: a device rule (blkio throttle, weight) names a
+# device the guest does not have; EBUSY: the cgroup's state forbids it now (children,
 # an attached task); ENOSPC: cpuset without cpus/mems, or a hierarchy limit.
 _DOMAIN = {
     _errno.EINVAL: errors.InvalidArgument,
+    _errno.ENODEV: errors.InvalidArgument,
     _errno.ERANGE: errors.InvalidArgument,
     _errno.EOVERFLOW: errors.InvalidArgument,
     _errno.EBUSY: errors.FailedPrecondition,

@@ -173,3 +173,20 @@ async def test_online_cpu_mem_widens_the_agents_cpuset_for_later_containers(agen
     await calls.WaitProcess(container_id="late", exec_id="late")
     for cid in ("late", "c0"):
         await calls.RemoveContainer(container_id=cid)
+
+
+async def test_a_throttle_rule_for_a_device_the_guest_lacks_is_invalid_argument(agent, rootfs):
+    """blkio refuses a rule for a device that does not exist (ENODEV): the host's mistake,
+    INVALID_ARGUMENT naming the file, in CreateContainer and in UpdateContainer (make fuzz)."""
+    rule = {"blockIO": {"throttleReadBpsDevice": [{"major": 0, "minor": 0, "rate": 1 << 20}]}}
+    if not os.path.isdir("/sys/fs/cgroup/blkio"):
+        pytest.skip("no blkio hierarchy")
+    calls = await connect(agent)
+    with pytest.raises(RpcError) as err:
+        await calls.create("c1", spec_for(rootfs, "true", resources=rule))
+    assert err.value.code == Code.INVALID_ARGUMENT and "blkio.throttle.read_bps_device" in err.value.message
+    await calls.create("c2", spec_for(rootfs, "sleep 100"))
+    with pytest.raises(RpcError) as err:
+        await calls.UpdateContainer(container_id="c2", resources=oci.resources_from_dict(rule))
+    assert err.value.code == Code.INVALID_ARGUMENT and "No such device" in err.value.message
+    await calls.RemoveContainer(container_id="c2")
