@@ -16,11 +16,26 @@ import errno
 import os
 import stat
 
+from .errors import InvalidSpec
+
 _MAX_LINKS = 255
 
 
 def secure_join(root: str, unsafe: str) -> str:
-    """The host path of ``unsafe`` (a path inside the container) under ``root``."""
+    """The host path of ``unsafe`` (a path inside the container) under ``root``.
+
+    A path that cannot be resolved (a name over NAME_MAX, links without end) is the spec's
+    mistake: InvalidSpec naming it."""
+    try:
+        return _secure_join(root, unsafe)
+    except OSError as exc:
+        if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+            raise
+        raise InvalidSpec("path", f"path {unsafe!r}: {exc.strerror}", path=unsafe,
+                          errno=exc.errno) from exc
+
+
+def _secure_join(root: str, unsafe: str) -> str:
     root = root.rstrip("/") or "/"
     pending = [p for p in reversed(unsafe.split("/")) if p]
     resolved: list[str] = []

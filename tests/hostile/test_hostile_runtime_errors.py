@@ -143,6 +143,12 @@ def _long_hostname(spec, agent):
     spec["hostname"] = "h" * 100
 
 
+def _device(path):
+    def edit(spec, agent):
+        spec["linux"].setdefault("devices", []).append({"path": path, "type": "c", "major": 1, "minor": 3})
+    return edit
+
+
 def _not_a_namespace(spec, agent):
     ipc = next(n for n in spec["linux"]["namespaces"] if n["type"] == "ipc")
     ipc["path"] = os.path.join(agent.workdir, "agent.log")
@@ -175,6 +181,10 @@ CREATE_CASES = {  # edit, what the message names (in order)
     "NUL in a mount destination": (_mount(destination="/a\x00b", type="tmpfs", source="tmpfs"),
                                    ["spec: mounts[", "].destination contains a NUL byte"]),
     "NUL in root.path": (_root("/a\x00b"), ["spec: root.path contains a NUL byte"]),
+    # make fuzz: ENAMETOOLONG while resolving these in the rootfs was INTERNAL
+    "mount destination over NAME_MAX": (_mount(destination="/" + "a" * 300, type="tmpfs", source="tmpfs"),
+                                        ["path '/aaa", "File name too long"]),
+    "device path over NAME_MAX": (_device("/dev/" + "d" * 300), ["path '/dev/ddd", "File name too long"]),
 }
 
 

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kagent.runtime.errors import InvalidSpec
 from kagent.runtime.securejoin import create_file, mkdir_all, secure_join
+from kagent.ttrpc.codes import Code
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +56,18 @@ def test_cases(tree, unsafe, expected):
     assert secure_join(tree, unsafe) == tree + expected
 
 
-def test_loop_is_an_error(tree):
-    with pytest.raises(OSError) as info:
+def test_loop_is_the_specs_error(tree):
+    with pytest.raises(InvalidSpec) as info:
         secure_join(tree, "/loop/x")
-    assert info.value.errno == errno.ELOOP
+    assert info.value.errno == errno.ELOOP and info.value.path == "/loop/x"
+    assert info.value.code == Code.INVALID_ARGUMENT
+
+
+def test_a_name_over_name_max_is_the_specs_error(tree):
+    """ENAMETOOLONG from a mount destination or device path was INTERNAL (make fuzz)."""
+    with pytest.raises(InvalidSpec) as info:
+        secure_join(tree, "/a/" + "n" * 300)
+    assert info.value.errno == errno.ENAMETOOLONG and "File name too long" in str(info.value)
 
 
 def test_component_through_a_file_is_kept_lexically(tree):
