@@ -462,6 +462,9 @@ def _init_body(
     process = spec["process"]
     flt = seccomp.compile(linux.get("seccomp"), warn)
 
+    # Before any user namespace: lowering the score needs CAP_SYS_RESOURCE in the initial one
+    # (as runc's nsexec does it); a forked pid-namespace init inherits it.
+    proc.set_oom_score_adj(process)
     namespaces.join(plan)
     if "user" in plan.new:
         namespaces.unshare_new(plan, {"user"})
@@ -477,7 +480,6 @@ def _init_body(
     namespaces.unshare_new(plan, others)
     if plan.child_makes_pidns:
         _fork_into_pidns(chan)
-    proc.set_oom_score_adj(process)
 
     new_mnt = "mount" in plan.new
     if new_mnt:

@@ -104,7 +104,8 @@ class Exec:
 
 
 def set_oom_score_adj(process: dict) -> None:
-    """Before the capabilities are dropped: lowering the score needs CAP_SYS_RESOURCE."""
+    """Before any user namespace and before the capabilities are dropped: lowering the score
+    needs CAP_SYS_RESOURCE in the initial user namespace."""
     value = process.get("oomScoreAdj")
     if value is None:
         return

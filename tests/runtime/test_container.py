@@ -720,3 +720,22 @@ def test_initramfs_root_uses_move_and_chroot(spec, bundle, impl):
         "ok",
         "1",
     ], r
+
+
+def _has_cap(number: int) -> bool:
+    with open("/proc/self/status") as f:
+        eff = next(line for line in f if line.startswith("CapEff:"))
+    return bool(int(eff.split()[1], 16) >> number & 1)
+
+
+def test_oom_score_adj_in_a_user_namespace_container(spec, bundle):
+    """oom_score_adj is set before the container's own user namespace exists: lowering it needs
+    CAP_SYS_RESOURCE in the initial user namespace (EACCES when it was set after the unshare).
+    This machine's root lacks CAP_SYS_RESOURCE (bit 24 of CapEff): here a raised score is
+    checked instead, which any process may ask."""
+    value = -500 if _has_cap(24) else 500
+    s = _userns_spec(spec, ["cat", "/proc/self/oom_score_adj"])
+    s["process"]["oomScoreAdj"] = value
+    r = in_worker(run_container, s, bundle)
+    assert exited(r) == 0, r
+    assert r["stdout"].strip() == str(value), r
