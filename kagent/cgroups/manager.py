@@ -134,6 +134,19 @@ class Manager(abc.ABC):
         """An fd that becomes readable on OOM events (see oom.py)."""
 
     @abc.abstractmethod
+    def _oom_counter_file(self) -> str | None:
+        """The file whose "oom_kill" line counts the cgroup's OOM kills (None: no memory controller)."""
+
+    def oom_kills(self) -> int:
+        """OOM kills in the container's cgroup so far (0 without a memory controller)."""
+        path = self._oom_counter_file()
+        if path is None:
+            return 0
+        from .oom import _read_flat
+
+        return (_read_flat(path) or {}).get("oom_kill", 0)
+
+    @abc.abstractmethod
     def update_cpuset(self, guest_cpus: str, container_cpus: str) -> None:
         """The hot-plug rule: widen ancestors to ``guest_cpus``, then set the container's cpus."""
 

@@ -313,6 +313,10 @@ class V1Manager(Manager):
             raise errors.NotFound(f"cgroup {self.path} does not exist") from None
         return text if text in (THAWED, FREEZING, FROZEN) else THAWED
 
+    def _oom_counter_file(self) -> str | None:
+        d = self._dir("memory")
+        return None if d is None else os.path.join(d, "memory.oom_control")
+
     def oom_watch(self) -> V1OomWatch:
         d = self._dir("memory")
         if d is None:

@@ -273,6 +273,9 @@ class V2Manager(Manager):
             return count
         return super().kill_all(sig)
 
+    def _oom_counter_file(self) -> str | None:
+        return os.path.join(self.dir, "memory.events")
+
     def oom_watch(self) -> V2OomWatch:
         if not os.path.exists(os.path.join(self.dir, "memory.events")):
             raise errors.FailedPrecondition(

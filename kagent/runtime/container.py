@@ -302,15 +302,26 @@ def _died(step_name: str, who: str, pids: list[int]) -> SetupError:
     """The child closed its end of the channel without a report and without exec: it is
     exiting.  Say how it ended (waiting, not reaping: the caller's clean-up reaps it)."""
     pid = pids[-1]
+    killed_by = None
     try:
         info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
         how = _describe_exit(info.si_code, info.si_status)
+        if info.si_code != os.CLD_EXITED:
+            killed_by = info.si_status
     except ChildProcessError:
         pids.remove(pid)  # reaped elsewhere: the pid may be another process's by now
         how = "it had exited and was reaped already"
     if step_name == "init":
-        return SetupError(step_name, f"init: {who} exited during set-up ({how})")
-    return SetupError(step_name, f"{step_name}: {who} died before its exec ({how})")
+        text = f"init: {who} exited during set-up ({how})"
+    else:
+        text = f"{step_name}: {who} died before its exec ({how})"
+    if killed_by == signal.SIGSYS:  # a seccomp filter's kill: only the spec installs one
+        err: SetupError = InvalidSpec(step_name, f"{text}: the spec's seccomp filter kills a system "
+                                                 "call that the set-up or the exec needs")
+    else:
+        err = SetupError(step_name, text)
+    err.killed_by = killed_by  # the worker tells an OOM kill from the others (it has the cgroup)
+    return err
 
 
 def _let_exit(pid: int, timeout: float = 1.0) -> None:

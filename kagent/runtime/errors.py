@@ -48,6 +48,7 @@ class SetupError(AgentError):
         self.path = path
         self.errno = errno
         self.detail = detail
+        self.killed_by: int | None = None  # the signal that ended the child, when that was the failure
 
     @classmethod
     def from_oserror(cls, step: str, exc: OSError, path: str | None = None) -> SetupError:

@@ -158,7 +158,7 @@ class Worker:
         try:
             parent, child = make_stdio(terminal, int(msg.get("pipe_size") or 0))
             try:
-                with _timed(timings, "init set-up (namespaces, rootfs, process)"):
+                with _timed(timings, "init set-up (namespaces, rootfs, process)"), self._oom_explained(spec):
                     handle = start_init(spec, self.bundle, child, container_id=self.cid,
                                         enter_cgroup=self.cgroup.enter if self.cgroup else None)
             except BaseException:
@@ -176,6 +176,25 @@ class Worker:
         if timings is not None:
             extra["timings"] = timings
         return extra, fds
+
+    @contextlib.contextmanager
+    def _oom_explained(self, spec: dict) -> Iterator[None]:
+        """A child SIGKILLed before its exec while its cgroup counted an OOM kill was killed by
+        the container's own memory limit: the set-up (a forked Python process, its pages
+        charged to the container) does not fit in it.  The spec's mistake, and said so."""
+        cgroup = self.cgroup
+        before = cgroup.oom_kills() if cgroup is not None else 0
+        try:
+            yield
+        except SetupError as exc:
+            if exc.killed_by != signal.SIGKILL or cgroup is None or cgroup.oom_kills() <= before:
+                raise
+            from kagent.runtime.errors import InvalidSpec
+
+            limit = (((spec.get("linux") or {}).get("resources") or {}).get("memory") or {}).get("limit")
+            raise InvalidSpec(exc.step, f"{exc.message}: OOM-killed, the container's memory limit "
+                                        f"(linux.resources.memory.limit {limit}) is too low for its "
+                                        "set-up") from exc
 
     def _create_cgroup(self, spec: dict, parent: str | None) -> list[str]:
         """The container's cgroup, made before its init so the init is placed before it runs."""
@@ -209,7 +228,8 @@ class Worker:
         if self.init.started:
             raise FailedPrecondition(f"container {self.cid} is already started")
         try:
-            self.init.start()
+            with self._oom_explained(self.spec or {}):
+                self.init.start()
         except BaseException:
             if self.init.reaped and self.procs.pop(self.init.pid, None) is not None:
                 # start() reaped it: report the exit here, or WaitProcess on it never returns
@@ -231,8 +251,9 @@ class Worker:
         process = msg["process"]
         parent, child = make_stdio(bool(process.get("terminal")), int(msg.get("pipe_size") or 0))
         try:
-            pid = exec_process(self.init_pid, self.spec or {}, process, child,
-                               enter_cgroup=self.cgroup.enter if self.cgroup else None)
+            with self._oom_explained(self.spec or {}):
+                pid = exec_process(self.init_pid, self.spec or {}, process, child,
+                                   enter_cgroup=self.cgroup.enter if self.cgroup else None)
         except BaseException:
             parent.close()
             raise

@@ -11,6 +11,7 @@ Runs on a sandboxed agent."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -242,7 +243,8 @@ async def test_start_of_an_init_that_dies_before_exec_fails(agent):
     """Finding: an init that died between StartContainer's go-ahead and its exec, without a word
     (here the container's seccomp profile kills the close_range before execve), was reported
     started.  Now StartContainer fails saying how it ended, WaitProcess returns its status at
-    once (128 + SIGSYS), and nothing is left."""
+    once (128 + SIGSYS), and nothing is left.  A SIGSYS before exec is the spec's own seccomp
+    filter at work: INVALID_ARGUMENT (make fuzz: it was INTERNAL)."""
     spec = _spec(agent)
     _no_core(spec)
     spec["linux"]["seccomp"] = _seccomp_kill("close_range")
@@ -251,15 +253,41 @@ async def test_start_of_an_init_that_dies_before_exec_fails(agent):
         await calls.create("d1", spec)
         with pytest.raises(RpcError) as err:
             await calls.StartContainer(container_id="d1")
-        assert err.value.code == Code.INTERNAL, err.value
+        assert err.value.code == Code.INVALID_ARGUMENT, err.value
         assert err.value.message == ("start container d1: start: the container init died before its "
-                                     f"exec (killed by signal {SIGSYS} (SIGSYS))"), err.value
+                                     f"exec (killed by signal {SIGSYS} (SIGSYS)): the spec's seccomp "
+                                     "filter kills a system call that the set-up or the exec needs"), err.value
         assert (await calls.WaitProcess(container_id="d1", exec_id="d1", timeout=5)).status == 128 + SIGSYS
         with pytest.raises(RpcError) as again:
             await calls.StartContainer(container_id="d1")
         assert again.value.code == Code.FAILED_PRECONDITION, again.value
     finally:
         await calls.RemoveContainer(container_id="d1")
+        await calls.client.close()
+    await _left_nothing(agent)
+
+
+async def test_an_init_oom_killed_before_exec_names_the_memory_limit(agent):
+    """make fuzz: a memory limit too low for the set-up (its pages are the container's) got
+    the init OOM-killed before its exec, answered INTERNAL "killed by signal 9".  The worker
+    sees the cgroup's OOM kill: INVALID_ARGUMENT naming the limit; nothing is left."""
+    spec = _spec(agent)
+    spec["linux"]["resources"] = {"memory": {"limit": 1 << 20, "swap": 1 << 20}}
+    calls = harness.Calls(await agent.connect())
+    try:
+        try:
+            await calls.create("m1", spec)
+            await calls.StartContainer(container_id="m1")
+        except RpcError as exc:
+            err = exc
+        else:
+            pytest.fail("a 1 MiB container started")
+        assert err.code == Code.INVALID_ARGUMENT, err
+        assert "killed by signal 9 (SIGKILL)): OOM-killed, the container's memory limit " \
+               "(linux.resources.memory.limit 1048576) is too low for its set-up" in err.message, err
+    finally:
+        with contextlib.suppress(RpcError):
+            await calls.RemoveContainer(container_id="m1")
         await calls.client.close()
     await _left_nothing(agent)
 
@@ -312,9 +340,10 @@ async def test_exec_of_a_process_that_dies_before_exec_fails(agent):
                           noNewPrivileges=False)  # its filter is loaded before the user switch
         with pytest.raises(RpcError) as err:
             await calls.ExecProcess(container_id="d2", exec_id="x1", process=doomed)
-        assert err.value.code == Code.INTERNAL, err.value
+        assert err.value.code == Code.INVALID_ARGUMENT, err.value  # the spec's filter (make fuzz)
         assert err.value.message == ("exec container d2: exec: the process died before its exec "
-                                     f"(killed by signal {SIGSYS} (SIGSYS))"), err.value
+                                     f"(killed by signal {SIGSYS} (SIGSYS)): the spec's seccomp filter "
+                                     "kills a system call that the set-up or the exec needs"), err.value
         with pytest.raises(RpcError) as gone:
             await calls.WaitProcess(container_id="d2", exec_id="x1", timeout=5)
         assert gone.value.code == Code.NOT_FOUND, gone.value

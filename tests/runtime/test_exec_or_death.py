@@ -13,6 +13,7 @@ from runtime_harness import communicate, in_worker
 from kagent.runtime.container import SetupError, exec_process, start_init
 from kagent.runtime.errors import InvalidSpec
 from kagent.runtime.stdio import make_stdio
+from kagent.ttrpc.codes import Code
 
 pytestmark = pytest.mark.root
 
@@ -125,7 +126,9 @@ def test_init_killed_at_start_before_exec_is_a_failure(spec, bundle, impl):
     s["linux"]["seccomp"] = _seccomp_kill("close_range")
     err, started, reaped, status, out, kids = in_worker(body, s, bundle, impl=impl)
     assert err is not None and err.step == "start", err
-    assert str(err) == "start: the container init died before its exec (killed by signal 31 (SIGSYS))"
+    assert str(err) == ("start: the container init died before its exec (killed by signal 31 (SIGSYS)): "
+                        "the spec's seccomp filter kills a system call that the set-up or the exec needs")
+    assert err.code == Code.INVALID_ARGUMENT
     assert not started and reaped and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
     assert out == (b"", b"") and kids == []
 
