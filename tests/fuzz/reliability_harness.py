@@ -140,6 +140,13 @@ def make_rootfs(parent: str) -> str:
     return devtools.build_busybox_rootfs(os.path.join(parent, "rootfs"))
 
 
+def run(coro):
+    """Run a coroutine to its end on a uvloop loop of its own (module fixtures are not async)."""
+    import uvloop
+
+    return uvloop.run(coro)
+
+
 @contextlib.contextmanager
 def busybox_agent(**kw):
     """An AgentUnderTest (``kw`` as its own) with a busybox rootfs in its workdir

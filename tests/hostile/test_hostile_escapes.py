@@ -25,19 +25,12 @@ def snapshot(path: str) -> list[str]:
 
 @pytest.fixture
 def agent():
-    harness.busybox_or_skip()
-    a = harness.AgentUnderTest(log_level="info")
-    a.rootfs = harness.make_rootfs(a.workdir)
-    a.outside = os.path.join(a.workdir, "outside")
-    os.makedirs(a.outside)
-    with open(os.path.join(a.outside, "sentinel"), "w") as f:
-        f.write("untouched\n")
-    try:
+    with harness.busybox_agent() as a:
+        a.outside = os.path.join(a.workdir, "outside")
+        os.makedirs(a.outside)
+        with open(os.path.join(a.outside, "sentinel"), "w") as f:
+            f.write("untouched\n")
         yield a
-    finally:
-        rc = a.stop()
-        left = a.cleanup()
-        assert rc == 0 and left == [], (rc, left)
 
 
 async def test_ids_that_try_to_escape_are_refused(agent):

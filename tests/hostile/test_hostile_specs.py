@@ -18,22 +18,9 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture(scope="module")
 def agent():
-    harness.busybox_or_skip()
-    a = harness.AgentUnderTest(sandboxed=True, log_level="info")
-    a.rootfs = harness.make_rootfs(a.workdir)
-    try:
-        harness_run(a.wait_ready())
+    with harness.busybox_agent(sandboxed=True) as a:
+        harness.run(a.wait_ready())
         yield a
-    finally:
-        rc = a.stop()
-        left = a.cleanup()
-        assert rc == 0 and left == [], (rc, left)
-
-
-def harness_run(coro):
-    import uvloop
-
-    return uvloop.run(coro)
 
 
 async def create_error(agent, spec: dict) -> RpcError | None:
