@@ -103,10 +103,11 @@ def start_init(
 ) -> InitHandle:
     """Fork the container's init and set it up; it then waits for ``InitHandle.start()``.
 
-    ``on_forked(pid)`` runs in the worker before the child does anything;
+    ``on_forked(pid)`` (tests) runs in the worker while the child waits for it;
     ``enter_cgroup()`` runs in the child before it does anything else (the
-    cgroup placement: kagent.cgroups Manager.enter).  With a new pid namespace owned by a new user namespace the
-    init is that child's child and inherits its cgroups.  ``stdio`` is consumed.
+    cgroup placement: kagent.cgroups Manager.enter).  With a new pid namespace
+    owned by a new user namespace the init is that child's child and inherits
+    its cgroups.  ``stdio`` is consumed.
     """
     cid = container_id or os.path.basename(os.path.normpath(bundle))
     try:
@@ -128,7 +129,8 @@ def start_init(
             pid = os.fork()
             if pid == 0:
                 parent.close()
-                _child(child, lambda ch: _init_body(ch, spec, bundle, cid, root, plan, stdio, enter_cgroup))
+                _child(child, lambda ch: _init_body(ch, spec, bundle, cid, root, plan, stdio,
+                                                    on_forked is not None, enter_cgroup))
     except BaseException:
         parent.close()
         child.close()
@@ -139,7 +141,8 @@ def start_init(
     handle = InitHandle(pid, parent, spec, bundle, cid)
     pids = [pid]
     try:
-        _go(parent, pids, on_forked, "init", "the container init")
+        if on_forked is not None:
+            _go(parent, pids, on_forked, "init", "the container init")
         _serve(parent, handle._warn, pids, handle=handle, stdio=stdio)
     except BaseException:
         _kill_and_reap(pids)
@@ -266,12 +269,9 @@ def _serve(
             raise SetupError("set-up", f"set-up: unexpected message {msg!r}")
 
 
-def _go(
-    chan: Channel, pids: list[int], on_forked: Callable[[int], None] | None, step_name: str, who: str
-) -> None:
-    """Run the caller's on_forked (cgroup placement), then let the child proceed."""
-    if on_forked is not None:
-        on_forked(pids[-1])
+def _go(chan: Channel, pids: list[int], on_forked: Callable[[int], None], step_name: str, who: str) -> None:
+    """Run the caller's on_forked, then let the child (waiting for it) proceed."""
+    on_forked(pids[-1])
     _send(chan, pids, step_name, who, "go")
 
 
@@ -451,6 +451,17 @@ def _default_disposition_raw(sig: int) -> None:
     ctypes.CDLL(None, use_errno=True).syscall(nr, sig, ctypes.byref(act), None, 8)
 
 
+def _begin(chan: Channel, wait_go: bool, enter_cgroup: Callable[[], None] | None) -> None:
+    """A child's first steps: wait while the worker runs its on_forked hook, if it has one,
+    then enter the container's cgroup, before anything else (namespaces included) and while
+    the cgroup files are still in view (the worker's mount namespace)."""
+    if wait_go:
+        chan.expect("go")
+    if enter_cgroup is not None:
+        with step("enter the container's cgroup"):
+            enter_cgroup()
+
+
 def _init_body(
     chan: Channel,
     spec: dict,
@@ -459,12 +470,10 @@ def _init_body(
     root: str,
     plan: namespaces.Plan,
     stdio: ChildStdio,
+    wait_go: bool,
     enter_cgroup: Callable[[], None] | None,
 ) -> None:
-    chan.expect("go")
-    if enter_cgroup is not None:  # first: all that follows is the container's, namespaces too
-        with step("enter the container's cgroup"):
-            enter_cgroup()
+    _begin(chan, wait_go, enter_cgroup)
 
     def warn(message: str) -> None:
         chan.send("warning", message=message)
@@ -538,11 +547,7 @@ def _exec_body(
     chan: Channel, init_pid: int, spec: dict, process: dict, stdio: ChildStdio, wait_go: bool,
     enter_cgroup: Callable[[], None] | None,
 ) -> None:
-    if wait_go:
-        chan.expect("go")
-    if enter_cgroup is not None:  # while the cgroup files are still in view (our mount namespace)
-        with step("enter the container's cgroup"):
-            enter_cgroup()
+    _begin(chan, wait_go, enter_cgroup)
 
     def warn(message: str) -> None:
         chan.send("warning", message=message)

@@ -293,19 +293,13 @@ class SerialPort:
 
 
 async def open_serial(path: str, factory: ProtocolFactory) -> tuple[CharDeviceTransport, asyncio.Protocol]:
-    """Open a character device as one connection. EOF closes it (reopen to wait again)."""
-    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    """Open a character device as one connection (the client's side): EOF closes it."""
+    port = SerialPort(path)
     try:
-        if os.isatty(fd):
-            import termios
-            import tty
-
-            tty.setraw(fd)  # a tty must not echo or translate our bytes
-            termios.tcflush(fd, termios.TCIOFLUSH)
         proto = factory()
-        transport = CharDeviceTransport(fd, path, proto)
+        transport = CharDeviceTransport(port.fd, path, proto)  # owns the fd from here
     except BaseException:
-        os.close(fd)
+        port.close()
         raise
     transport.start()
     return transport, proto

@@ -44,7 +44,7 @@ from kagent.errors import (
     InvalidArgument,
     NotFound,
 )
-from kagent.runtime.errors import SetupError
+from kagent.runtime.errors import InvalidSpec, SetupError
 from kagent.ttrpc.codes import Code
 from kagent.zygote import exit_status, set_title
 
@@ -189,8 +189,6 @@ class Worker:
         except SetupError as exc:
             if exc.killed_by != signal.SIGKILL or cgroup is None or cgroup.oom_kills() <= before:
                 raise
-            from kagent.runtime.errors import InvalidSpec
-
             limit = (((spec.get("linux") or {}).get("resources") or {}).get("memory") or {}).get("limit")
             raise InvalidSpec(exc.step, f"{exc.message}: OOM-killed, the container's memory limit "
                                         f"(linux.resources.memory.limit {limit}) is too low for its "

@@ -70,6 +70,14 @@ def processes_with(marker: str) -> list[psutil.Process]:
     return out
 
 
+async def exec_again(calls: Calls, cid: str, exec_id: str, status: int = 0) -> None:
+    """An exec under an id whose earlier exec failed: it runs, with its own output and exit."""
+    await calls.ExecProcess(container_id=cid, exec_id=exec_id, process=oci.process_from_dict(
+        {"args": ["/bin/sh", "-c", f"echo again; exit {status}"], "cwd": "/"}))
+    assert await calls.drain(cid, exec_id) == b"again\n"
+    assert (await calls.WaitProcess(container_id=cid, exec_id=exec_id)).status == status
+
+
 async def gone(marker: str, timeout: float = 10) -> list[psutil.Process]:
     """Wait until no live process carries ``marker``; what is still there at the timeout."""
     deadline = time.monotonic() + timeout
@@ -318,10 +326,7 @@ async def test_exec_at_the_fd_limit_leaves_nothing(agent):
             assert agent.alive()
             assert await harness.settle(agent, running, timeout=10, rss_slack=16 << 20) == [], (room, outcomes)
         # The same exec id again: a process of its own, whose exit is its own.
-        await calls.ExecProcess(container_id="ex", exec_id="e", process=oci.process_from_dict(
-            {"args": ["/bin/sh", "-c", "echo again; exit 3"], "cwd": "/"}))
-        assert await calls.drain("ex", "e") == b"again\n"
-        assert (await calls.WaitProcess(container_id="ex", exec_id="e")).status == 3
+        await exec_again(calls, "ex", "e", status=3)
         await calls.RemoveContainer(container_id="ex")
         await works(agent, calls)
     harness.figure("ExecProcess at the fd limit", outcomes=len(outcomes),
@@ -355,10 +360,7 @@ async def test_exec_past_its_deadline_leaves_nothing(agent):
         # process may appear after the snapshot has settled, and must then go.
         assert await gone(marker) == []
         assert await harness.settle(agent, running, timeout=10, rss_slack=16 << 20) == []
-        await calls.ExecProcess(container_id="late", exec_id="e", process=oci.process_from_dict(
-            {"args": ["/bin/sh", "-c", "echo again"], "cwd": "/"}))
-        assert await calls.drain("late", "e") == b"again\n"
-        assert (await calls.WaitProcess(container_id="late", exec_id="e")).status == 0
+        await exec_again(calls, "late", "e")
         await calls.RemoveContainer(container_id="late")
         await works(agent, calls)
     await nothing_left(agent, base, "late", marker)
